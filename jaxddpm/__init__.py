@@ -1,0 +1,17 @@
+"""jaxddpm: denoising diffusion probabilistic models in JAX.
+
+The public API: pure functions of a `Schedule` pytree and arrays (DDPM, Improved DDPM, DDIM), the
+samplers, the UNet, and the training/evaluation building blocks. Research code imports only these names.
+"""
+from jaxddpm.schedule import (SCHEDULES, Schedule, beta_schedule, make_schedule, respace,
+                              schedule_from_betas, space_timesteps)
+from jaxddpm.diffusion import (MEAN_TYPES, VAR_TYPES, PMeanVariance, eps_from_score, output_channels,
+                               p_mean_variance, predict_eps_from_v, predict_eps_from_x0, predict_x0_from_eps,
+                               predict_x0_from_v, predict_x0_from_xprev, q_mean_variance,
+                               q_posterior_mean_variance, q_sample, score_from_eps, split_model_output,
+                               v_from_eps_x0)
+from jaxddpm.losses import (LOSS_TYPES, T_SAMPLINGS, WEIGHTINGS, calc_bpd_loop,
+                            discretized_gaussian_log_likelihood, loss_weight, mean_flat, normal_kl, prior_bpd,
+                            sample_timesteps, snr, training_losses, vb_terms_bpd)
+
+__version__ = "0.1.0"

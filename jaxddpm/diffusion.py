@@ -1,0 +1,231 @@
+"""The closed-form Gaussian identities of DDPM (floor 1: imports only jax and numpy).
+
+Ho et al. 2020 (DDPM), Nichol & Dhariwal 2021 (Improved DDPM), Salimans & Ho 2022 (v-prediction).
+Every function takes the `Schedule` as its first argument; `t` is int32 [B] (0-based indices into the
+schedule) and x is [B, ...]. Functions marked "pytree" accept any pytree of such arrays (x_0, noise and
+model outputs with matching structure), applying the identity leaf by leaf.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxddpm.schedule import Schedule
+
+MEAN_TYPES = ("eps", "x0", "v", "x_prev")
+VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
+
+
+def check_choice(name: str, value, allowed) -> None:
+  """Raises ValueError naming the argument when ``value`` is not one of ``allowed``."""
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def extract(coef: jnp.ndarray, t: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
+  """coef[t] reshaped to [B, 1, ..., 1] so that it broadcasts against x [B, ...] (float32).
+
+  t may also be a scalar (the same timestep for the whole batch).
+  """
+  t = jnp.asarray(t)
+  x_shape = jnp.shape(x)
+  if t.ndim == 0:
+    return coef[t].astype(jnp.float32)
+  if t.ndim != 1:
+    raise ValueError(f"t must be a scalar or a 1-D int array [B], got shape {t.shape}")
+  if len(x_shape) < 1 or x_shape[0] != t.shape[0]:
+    raise ValueError(f"t has shape {t.shape} but x has shape {x_shape}: their batch sizes must match")
+  return coef[t].astype(jnp.float32).reshape((t.shape[0],) + (1,) * (len(x_shape) - 1))
+
+
+def _check_same_shape(**arrays) -> None:
+  shapes = {k: jnp.shape(v) for k, v in arrays.items()}
+  if len(set(shapes.values())) > 1:
+    raise ValueError(f"shapes must match, got {shapes}")
+
+
+def _tree(fn, *trees):
+  """Applies fn leaf-wise over matching pytrees; fn may return a tuple, giving a tuple of pytrees."""
+  leaves = [jax.tree.leaves(tr) for tr in trees]
+  treedef = jax.tree.structure(trees[0])
+  for other in trees[1:]:
+    if jax.tree.structure(other) != treedef:
+      raise ValueError(f"pytree structures must match, got {treedef} and {jax.tree.structure(other)}")
+  outs = [fn(*ls) for ls in zip(*leaves)]
+  if outs and isinstance(outs[0], tuple):
+    return tuple(jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(len(outs[0])))
+  return jax.tree.unflatten(treedef, outs)
+
+
+# ----------------------------------------------------------------------------------------- forward
+def q_mean_variance(s: Schedule, x0, t):
+  """q(x_t | x_0) = N(sqrt(alphabar_t) x_0, (1 - alphabar_t) I)   (DDPM eq. 4). pytree.
+
+  Returns (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]) (leaf-wise for pytrees).
+  """
+  def f(x):
+    return (extract(s.sqrt_alphas_cumprod, t, x) * x, extract(1.0 - s.alphas_cumprod, t, x),
+            extract(s.log_one_minus_alphas_cumprod, t, x))
+  return _tree(f, x0)
+
+
+def q_sample(s: Schedule, x0, t, noise):
+  """x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps, a sample of q(x_t | x_0)   (DDPM eq. 4).
+
+  x0, noise: [B, ...] (or matching pytrees); t: int32 [B]. Returns x_t like x0, in float32.
+  """
+  def f(x, n):
+    _check_same_shape(x0=x, noise=n)
+    return extract(s.sqrt_alphas_cumprod, t, x) * x + extract(s.sqrt_one_minus_alphas_cumprod, t, x) * n
+  return _tree(f, x0, noise)
+
+
+def q_posterior_mean_variance(s: Schedule, x0, x_t, t):
+  """q(x_{t-1} | x_t, x_0) = N(mutilde_t, betatilde_t I)   (DDPM eqs. 6-7). pytree.
+
+  mutilde_t = sqrt(alphabar_{t-1}) beta_t / (1 - alphabar_t) x_0
+              + sqrt(alpha_t) (1 - alphabar_{t-1}) / (1 - alphabar_t) x_t,
+  betatilde_t = (1 - alphabar_{t-1}) / (1 - alphabar_t) beta_t.
+  Returns (mean [B, ...], variance [B, 1, ...], log_variance_clipped [B, 1, ...]).
+  """
+  def f(a, b):
+    _check_same_shape(x0=a, x_t=b)
+    mean = extract(s.posterior_mean_coef1, t, b) * a + extract(s.posterior_mean_coef2, t, b) * b
+    return mean, extract(s.posterior_variance, t, b), extract(s.posterior_log_variance_clipped, t, b)
+  return _tree(f, x0, x_t)
+
+
+# ---------------------------------------------------------------------- parameterization conversions
+def predict_x0_from_eps(s: Schedule, x_t, t, eps):
+  """x_0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t)   (DDPM eq. 4 solved for x_0). pytree."""
+  return _tree(lambda x, e: extract(s.sqrt_recip_alphas_cumprod, t, x) * x
+               - extract(s.sqrt_recipm1_alphas_cumprod, t, x) * e, x_t, eps)
+
+
+def predict_eps_from_x0(s: Schedule, x_t, t, x0):
+  """eps = (x_t / sqrt(alphabar_t) - x_0) / sqrt(1/alphabar_t - 1). pytree."""
+  return _tree(lambda x, a: (extract(s.sqrt_recip_alphas_cumprod, t, x) * x - a)
+               / extract(s.sqrt_recipm1_alphas_cumprod, t, x), x_t, x0)
+
+
+def predict_x0_from_v(s: Schedule, x_t, t, v):
+  """x_0 = sqrt(alphabar_t) x_t - sqrt(1 - alphabar_t) v   (Salimans & Ho 2022). pytree."""
+  return _tree(lambda x, u: extract(s.sqrt_alphas_cumprod, t, x) * x
+               - extract(s.sqrt_one_minus_alphas_cumprod, t, x) * u, x_t, v)
+
+
+def predict_eps_from_v(s: Schedule, x_t, t, v):
+  """eps = sqrt(1 - alphabar_t) x_t + sqrt(alphabar_t) v   (Salimans & Ho 2022). pytree."""
+  return _tree(lambda x, u: extract(s.sqrt_one_minus_alphas_cumprod, t, x) * x
+               + extract(s.sqrt_alphas_cumprod, t, x) * u, x_t, v)
+
+
+def v_from_eps_x0(s: Schedule, x0, t, eps):
+  """v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0, the v-prediction target. pytree."""
+  return _tree(lambda a, e: extract(s.sqrt_alphas_cumprod, t, a) * e
+               - extract(s.sqrt_one_minus_alphas_cumprod, t, a) * a, x0, eps)
+
+
+def predict_x0_from_xprev(s: Schedule, x_t, t, x_prev):
+  """x_0 = (mutilde_t - coef2_t x_t) / coef1_t, inverting the posterior mean (DDPM's "xprev"). pytree."""
+  return _tree(lambda x, p: (p - extract(s.posterior_mean_coef2, t, x) * x)
+               / extract(s.posterior_mean_coef1, t, x), x_t, x_prev)
+
+
+def score_from_eps(s: Schedule, x_t, t, eps):
+  """Tweedie: grad_x log q(x_t) = -E[eps | x_t] / sqrt(1 - alphabar_t). pytree (x_t gives the shape)."""
+  return _tree(lambda x, e: -e / extract(s.sqrt_one_minus_alphas_cumprod, t, x), x_t, eps)
+
+
+def eps_from_score(s: Schedule, x_t, t, score):
+  """eps = -sqrt(1 - alphabar_t) grad_x log q(x_t), the inverse of `score_from_eps`. pytree."""
+  return _tree(lambda x, sc: -extract(s.sqrt_one_minus_alphas_cumprod, t, x) * sc, x_t, score)
+
+
+# ---------------------------------------------------------------------------------------- reverse
+class PMeanVariance(NamedTuple):
+  """p_theta(x_{t-1} | x_t) = N(mean, variance): mean [B, ...], variance and log_variance broadcastable
+  to it, pred_x0 [B, ...] the model's estimate of x_0 (clipped if asked), pred_eps [B, ...] the noise
+  estimate consistent with pred_x0."""
+  mean: jnp.ndarray
+  variance: jnp.ndarray
+  log_variance: jnp.ndarray
+  pred_x0: jnp.ndarray
+  pred_eps: jnp.ndarray
+
+
+def output_channels(in_channels: int, var_type: str) -> int:
+  """Channels the network must output: C, or 2C when the variance is learned (Improved DDPM)."""
+  check_choice("var_type", var_type, VAR_TYPES)
+  return 2 * in_channels if var_type in ("learned", "learned_range") else in_channels
+
+
+def split_model_output(model_output, x_t, var_type: str):
+  """Splits a network output [B, ..., C or 2C] into (mean part [B, ..., C], variance part or None).
+
+  Raises ValueError when the channel count does not match var_type.
+  """
+  check_choice("var_type", var_type, VAR_TYPES)
+  want = output_channels(x_t.shape[-1], var_type)
+  if model_output.shape[:-1] != x_t.shape[:-1] or model_output.shape[-1] != want:
+    raise ValueError(f"model output has shape {model_output.shape} but var_type={var_type!r} with x_t of "
+                     f"shape {x_t.shape} needs {x_t.shape[:-1] + (want,)}")
+  if want == x_t.shape[-1]:
+    return model_output, None
+  c = x_t.shape[-1]
+  return model_output[..., :c], model_output[..., c:]
+
+
+def model_log_variance(s: Schedule, var_out, x_t, t, var_type: str):
+  """The reverse-process (variance, log-variance) for each var_type.
+
+  fixed_small: betatilde_t (log clipped at t = 1); fixed_large: beta_t (betatilde_2 at t = 1);
+  learned: exp of the raw network output v; learned_range (Improved DDPM eq. 15):
+  log Sigma = u log beta_t + (1 - u) log betatilde_t with u = (v + 1) / 2.
+  """
+  check_choice("var_type", var_type, VAR_TYPES)
+  if var_type == "fixed_small":
+    return extract(s.posterior_variance, t, x_t), extract(s.posterior_log_variance_clipped, t, x_t)
+  if var_type == "fixed_large":
+    return extract(s.large_variance, t, x_t), extract(s.large_log_variance, t, x_t)
+  var_out = var_out.astype(jnp.float32)
+  if var_type == "learned":
+    log_var = var_out
+  else:
+    u = (var_out + 1.0) / 2.0
+    log_var = u * extract(jnp.log(s.betas), t, x_t) + (1.0 - u) * extract(s.posterior_log_variance_clipped,
+                                                                          t, x_t)
+  return jnp.exp(log_var), log_var
+
+
+def p_mean_variance(s: Schedule, model_output, x_t, t, *, mean_type: str = "eps",
+                    var_type: str = "fixed_large", clip_denoised: bool = True) -> PMeanVariance:
+  """p_theta(x_{t-1} | x_t) from a network output (DDPM section 3.2, Improved DDPM section 3.1).
+
+  The mean is the posterior mean mutilde_t(pred_x0, x_t) with pred_x0 from the parameterization
+  (eps: DDPM eq. 11, x0, v), clipped to [-1, 1] when clip_denoised; for mean_type "x_prev" the network
+  output is the mean itself. model_output: [B, ..., C] or [B, ..., 2C] for learned variances; x_t [B, ..., C];
+  t int32 [B].
+  """
+  check_choice("mean_type", mean_type, MEAN_TYPES)
+  mean_out, var_out = split_model_output(model_output, x_t, var_type)
+  mean_out = mean_out.astype(jnp.float32)
+  x_t = x_t.astype(jnp.float32)
+  variance, log_variance = model_log_variance(s, var_out, x_t, t, var_type)
+  clip = (lambda x: jnp.clip(x, -1.0, 1.0)) if clip_denoised else (lambda x: x)
+  if mean_type == "x_prev":
+    pred_x0 = clip(predict_x0_from_xprev(s, x_t, t, mean_out))
+    mean = mean_out
+  else:
+    if mean_type == "eps":
+      pred_x0 = predict_x0_from_eps(s, x_t, t, mean_out)
+    elif mean_type == "x0":
+      pred_x0 = mean_out
+    else:
+      pred_x0 = predict_x0_from_v(s, x_t, t, mean_out)
+    pred_x0 = clip(pred_x0)
+    mean, _, _ = q_posterior_mean_variance(s, pred_x0, x_t, t)
+  pred_eps = predict_eps_from_x0(s, x_t, t, pred_x0)
+  return PMeanVariance(mean, variance, log_variance, pred_x0, pred_eps)
