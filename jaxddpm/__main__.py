@@ -1,0 +1,3 @@
+from jaxddpm.main import run
+
+run()

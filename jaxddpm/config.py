@@ -1,0 +1,161 @@
+"""The run configuration: defaults shared by every `configs/*.py`, and its up-front validation.
+
+A config is an ml_collections `ConfigDict` with the sections data, model, diffusion, training, optim,
+sample and eval. It is locked, so `--config.training.batch_sise=64` (a typo) fails at parse time.
+`validate(config)` checks every value before anything is compiled and raises ValueError naming the field
+and the allowed values.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+from jaxddpm import diffusion, losses, schedule
+from jaxddpm.models import presets
+
+SAMPLE_METHODS = ("ancestral", "ddim")
+DTYPES = ("float32", "bfloat16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """DDPM's CIFAR-10 recipe as defaults; `configs/*.py` change what their dataset needs."""
+  c = ml_collections.ConfigDict()
+  c.data = dict(name="cifar10", data_dir=config_dict.placeholder(str), split="train", eval_split="test",
+                image_size=32, random_flip=True, prefetch_batches=4, num_threads=2)
+  c.model = dict(preset="cifar10", dtype="float32", remat=False,
+                 ch=config_dict.placeholder(int), ch_mult=config_dict.placeholder(tuple),
+                 num_res_blocks=config_dict.placeholder(int), attn_resolutions=config_dict.placeholder(tuple),
+                 dropout=config_dict.placeholder(float), num_heads=config_dict.placeholder(int),
+                 use_scale_shift_norm=config_dict.placeholder(bool),
+                 resamp_with_conv=config_dict.placeholder(bool), num_groups=config_dict.placeholder(int))
+  c.diffusion = dict(schedule="linear", num_timesteps=1000, mean_type="eps", var_type="fixed_large",
+                     loss_type="mse", weighting="none", t_sampling="uniform", min_snr_gamma=5.0,
+                     p2_gamma=1.0, p2_k=1.0)
+  c.training = dict(batch_size=128, num_steps=800_000, seed=0, log_every=100, checkpoint_every=10_000,
+                    keep_checkpoints=3, sample_every=50_000, max_nonfinite_streak=20)
+  c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+                 ema_decay=0.9999, ema_warmup=True)
+  c.sample = dict(num_samples=64, batch_size=64, method="ancestral", timesteps=config_dict.placeholder(str),
+                  eta=0.0, clip_denoised=True, seed=0, use_ema=True, grid_cols=8)
+  c.eval = dict(num_examples=config_dict.placeholder(int), batch_size=64, seed=0, fid_num_samples=50_000,
+                inception_weights=config_dict.placeholder(str), fid_stats=config_dict.placeholder(str))
+  return c
+
+
+MODEL_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "num_heads",
+                   "use_scale_shift_norm", "resamp_with_conv", "num_groups")
+
+
+def unet_kwargs(config, image_shape) -> dict:
+  """The UNet constructor arguments: the preset, the config's overrides, dtype, and out_channels."""
+  m = config.model
+  kw = dict(presets.PRESETS[m.preset])
+  kw.update({k: m[k] for k in MODEL_OVERRIDES if m[k] is not None})
+  for k in ("ch_mult", "attn_resolutions"):
+    kw[k] = tuple(kw[k])
+  kw["dtype"] = jnp.dtype(m.dtype)
+  kw["remat"] = bool(m.remat)
+  kw["out_channels"] = diffusion.output_channels(image_shape[-1], config.diffusion.var_type)
+  return kw
+
+
+def _fail(field: str, value, allowed: str):
+  raise ValueError(f"config.{field} = {value!r} is invalid; allowed: {allowed}")
+
+
+def _choice(config, field, allowed):
+  section, name = field.split(".")
+  value = config[section][name]
+  if value not in allowed:
+    _fail(field, value, f"one of {tuple(allowed)}")
+
+
+def _positive_int(config, field, zero_ok=False):
+  section, name = field.split(".")
+  v = config[section][name]
+  if not isinstance(v, int) or isinstance(v, bool) or v < (0 if zero_ok else 1):
+    _fail(field, v, "an integer >= 0" if zero_ok else "an integer >= 1")
+
+
+def _number(config, field, lo, hi, lo_open=False, hi_open=False):
+  section, name = field.split(".")
+  v = config[section][name]
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+  ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+  if not ok:
+    _fail(field, v, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def validate(config, image_shape=None) -> None:
+  """Checks every field of a run config (nothing is traced or compiled). image_shape (H, W, C) of the
+  dataset, when known, is checked against the model: size divisible by its downsampling, attention
+  resolutions that occur, channel groups."""
+  expected = base_config()
+  for section in expected:
+    if section not in config:
+      raise ValueError(f"config has no section {section!r}; sections: {list(expected)}")
+    unknown = sorted(set(config[section]) - set(expected[section]))
+    if unknown:
+      raise ValueError(f"config.{section} has unknown field(s) {unknown}; allowed: {sorted(expected[section])}")
+  from jaxddpm import data  # noqa: PLC0415  (data imports tfds; keep this module light)
+  _choice(config, "data.name", sorted(data.DATASETS))
+  _positive_int(config, "data.image_size")
+  _positive_int(config, "data.prefetch_batches", zero_ok=True)
+  _positive_int(config, "data.num_threads", zero_ok=True)
+  for field in ("split", "eval_split"):
+    splits = data.DATASETS[config.data.name].splits
+    if config.data[field] not in splits:
+      _fail(f"data.{field}", config.data[field], f"a split of {config.data.name!r}: {splits}")
+  _choice(config, "model.preset", sorted(presets.PRESETS))
+  _choice(config, "model.dtype", DTYPES)
+  _choice(config, "diffusion.schedule", schedule.SCHEDULES)
+  _positive_int(config, "diffusion.num_timesteps")
+  _choice(config, "diffusion.mean_type", diffusion.MEAN_TYPES)
+  _choice(config, "diffusion.var_type", diffusion.VAR_TYPES)
+  _choice(config, "diffusion.loss_type", losses.LOSS_TYPES)
+  _choice(config, "diffusion.weighting", losses.WEIGHTINGS)
+  _choice(config, "diffusion.t_sampling", losses.T_SAMPLINGS)
+  learned = config.diffusion.var_type in ("learned", "learned_range")
+  if config.diffusion.loss_type == "mse" and learned:
+    _fail("diffusion.loss_type", "mse", f"'hybrid' or 'kl' with var_type={config.diffusion.var_type!r}")
+  if config.diffusion.loss_type == "hybrid" and not learned:
+    _fail("diffusion.var_type", config.diffusion.var_type, "'learned' or 'learned_range' with loss_type='hybrid'")
+  if config.diffusion.weighting != "none" and config.diffusion.mean_type == "x_prev":
+    _fail("diffusion.weighting", config.diffusion.weighting, "'none' with mean_type='x_prev'")
+  for f in ("training.batch_size", "training.num_steps", "training.log_every", "training.checkpoint_every",
+            "training.keep_checkpoints", "training.sample_every", "training.max_nonfinite_streak",
+            "sample.num_samples", "sample.batch_size", "sample.grid_cols", "eval.batch_size",
+            "eval.fid_num_samples"):
+    _positive_int(config, f)
+  _positive_int(config, "training.seed", zero_ok=True)
+  _positive_int(config, "optim.warmup_steps", zero_ok=True)
+  _number(config, "optim.lr", 0.0, 1.0, lo_open=True)
+  _number(config, "optim.grad_clip", 0.0, float("inf"))
+  _number(config, "optim.b1", 0.0, 1.0, hi_open=True)
+  _number(config, "optim.b2", 0.0, 1.0, hi_open=True)
+  _number(config, "optim.eps", 0.0, 1.0)
+  _number(config, "optim.weight_decay", 0.0, 1.0)
+  _number(config, "optim.ema_decay", 0.0, 1.0)
+  _choice(config, "sample.method", SAMPLE_METHODS)
+  _number(config, "sample.eta", 0.0, float("inf"))
+  if config.sample.method == "ancestral" and config.sample.eta != 0.0:
+    _fail("sample.eta", config.sample.eta, "0.0 with sample.method='ancestral' (eta is DDIM's)")
+  try:
+    schedule.beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  except ValueError as e:
+    raise ValueError(f"config.diffusion: {e}") from None
+  if config.sample.timesteps is not None:
+    try:
+      schedule.space_timesteps(config.diffusion.num_timesteps, config.sample.timesteps)
+    except ValueError as e:
+      raise ValueError(f"config.sample.timesteps: {e}") from None
+  if image_shape is not None:
+    if image_shape[0] != image_shape[1]:
+      _fail("data.image_size", image_shape, "square images")
+    try:
+      presets.validate_unet_config(image_size=image_shape[0], in_channels=image_shape[-1],
+                                   **unet_kwargs(config, image_shape))
+    except ValueError as e:
+      raise ValueError(f"config.model (preset {config.model.preset!r}) cannot take {image_shape} images: {e}") \
+          from None

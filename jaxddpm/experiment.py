@@ -1,0 +1,70 @@
+"""What every mode of a run (train, sample, evaluate) shares: the checked config turned into model,
+schedule, optimizer, abstract train state and checkpoint manager, all before anything is compiled."""
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+
+from jaxddpm import checkpoint, config as config_lib, data, parallel, training
+from jaxddpm.models.unet import UNet
+from jaxddpm.schedule import make_schedule
+
+
+def build(config, image_shape):
+  """(model, schedule, optimizer, learning-rate schedule) of a validated config."""
+  model = UNet(**config_lib.unet_kwargs(config, image_shape))
+  sched = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  o = config.optim
+  optimizer = training.make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, b1=o.b1,
+                                      b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  return model, sched, optimizer, training.learning_rate_schedule(o.lr, o.warmup_steps)
+
+
+def abstract_state(config, model, optimizer, image_shape):
+  key = jax.random.PRNGKey(config.training.seed)
+  return jax.eval_shape(functools.partial(training.init_train_state, model=model, optimizer=optimizer,
+                                          image_shape=image_shape), key)
+
+
+def run_meta(config, image_shape, abstract) -> dict:
+  """What a checkpoint was trained for: parameter shapes and the diffusion it must be sampled with."""
+  shapes = {jax.tree_util.keystr(p): list(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract.params)[0]}
+  d = config.diffusion
+  return {"format": 1, "image_shape": list(image_shape), "param_shapes": shapes,
+          "diffusion": {k: d[k] for k in ("schedule", "num_timesteps", "mean_type", "var_type")},
+          "model": json.loads(config.model.to_json()), "dataset": config.data.name}
+
+
+def check_compatible(workdir: str, manager, meta: dict) -> None:
+  """Refuses (ValueError, before anything is compiled or written) a workdir whose checkpoints hold
+  another model or diffusion."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    old = checkpoint.read_meta(manager, step)
+    if old is None:
+      continue
+    for key in ("image_shape", "param_shapes", "diffusion"):
+      if old.get(key) != meta[key]:
+        raise ValueError(
+            f"workdir {workdir} holds checkpoints (step {step}) of an incompatible run: their {key} differs "
+            f"from this config's (old: {str(old.get(key))[:200]}, new: {str(meta[key])[:200]}). Use another "
+            "--workdir or the config it was trained with; nothing was changed.")
+    return
+
+
+def prepare(config, workdir: str):
+  """Everything checked before compiling: config, dataset, image shape, batch size, workdir."""
+  config_lib.validate(config)
+  image_shape = data.dataset_info(config.data.name, config.data.data_dir,
+                                  image_size=config.data.image_size).image_shape
+  config_lib.validate(config, image_shape)
+  mesh = parallel.data_mesh()
+  parallel.check_batch_size(config.training.batch_size, mesh)
+  model, sched, optimizer, lr_fn = build(config, image_shape)
+  abstract = abstract_state(config, model, optimizer, image_shape)
+  meta = run_meta(config, image_shape, abstract)
+  manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints)
+  check_compatible(workdir, manager, meta)
+  return image_shape, mesh, model, sched, optimizer, lr_fn, abstract, meta, manager

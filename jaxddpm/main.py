@@ -1,0 +1,66 @@
+"""Command line: `python -m jaxddpm --config configs/X.py --workdir DIR [--mode train|sample|evaluate]`.
+
+Config fields are overridden on the command line, e.g. `--config.training.batch_size=64`. The same
+command runs on a laptop CPU, one GPU, or on every worker of a TPU pod (where JAX finds its peers
+itself); several GPU hosts pass --coordinator_address, --num_processes and --process_id.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+MODES = ("train", "sample", "evaluate")
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples (local or gs://).")
+_MODE = flags.DEFINE_string("mode", "train", f"One of {MODES}.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                                   "host:port of process 0, for several GPU hosts (multi-controller JAX).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None,
+                                      "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"])
+                                   if os.environ.get("JAX_PROCESS_ID") else None,
+                                   "This process's index (with --coordinator_address).")
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _MODE.value not in MODES:
+    raise app.UsageError(f"--mode must be one of {MODES}, got {_MODE.value!r}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (a configs/*.py file)")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  from jaxddpm import parallel  # noqa: PLC0415  (import jax only after flags are parsed)
+  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  import jax  # noqa: PLC0415
+  logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.default_backend())
+  config = _CONFIG.value
+  try:
+    if _MODE.value == "train":
+      from jaxddpm import train  # noqa: PLC0415
+      train.run(config, _WORKDIR.value)
+    elif _MODE.value == "sample":
+      from jaxddpm import generate  # noqa: PLC0415
+      generate.run(config, _WORKDIR.value)
+    else:
+      from jaxddpm import evaluate  # noqa: PLC0415
+      evaluate.run(config, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 3
+  return 0
+
+
+def run():
+  """Console-script entry point."""
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,133 @@
+"""The train state, the optimizer, and the pure train step (floor 3).
+
+DDPM's recipe (Ho et al. 2020, Appendix B): Adam, learning rate 2e-4 with a linear warm-up over 5000
+steps, gradient clipping at global norm 1, and an exponential moving average of the parameters with
+decay 0.9999. `train_step` is a pure function of (state, batch); `make_train_step` jits it once with
+explicit shardings and a donated state.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxddpm import losses, parallel
+from jaxddpm.schedule import Schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything training needs to continue exactly: a pytree.
+
+  step: int32 scalar, updates applied so far (skipped non-finite steps count as steps).
+  params / ema_params: the network parameters and their exponential moving average.
+  opt_state: the optax state. rng: uint32 [2] raw PRNG key, folded with the step every update.
+  nonfinite_streak / nonfinite_total: int32 scalars, non-finite steps in a row / in all (updates skipped).
+  """
+  step: jnp.ndarray
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jnp.ndarray
+  nonfinite_streak: jnp.ndarray
+  nonfinite_total: jnp.ndarray
+
+
+def learning_rate_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
+  """lr(step) = lr * min(1, (step + 1) / warmup_steps) (DDPM's linear warm-up; constant afterwards)."""
+  if warmup_steps <= 0:
+    return optax.constant_schedule(lr)
+  return lambda step: lr * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
+
+
+def make_optimizer(*, lr: float, warmup_steps: int, grad_clip: float, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """Global-norm clipping (if grad_clip > 0) then Adam(W) with the warm-up schedule."""
+  sched = learning_rate_schedule(lr, warmup_steps)
+  opt = (optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay) if weight_decay
+         else optax.adam(sched, b1=b1, b2=b2, eps=eps))
+  return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
+
+
+def ema_decay(step, decay: float, warmup: bool):
+  """EMA decay at a step: min(decay, (1 + step) / (10 + step)) with warm-up, else decay."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+
+
+def init_train_state(key, model, optimizer: optax.GradientTransformation, image_shape) -> TrainState:
+  """Initial state: params from model.init on a dummy batch [1, H, W, C], EMA = params, step 0.
+
+  Pure, so `jax.eval_shape(lambda k: init_train_state(k, ...), key)` gives the abstract state.
+  """
+  init_key, state_key = jax.random.split(key)
+  x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+  params = model.init({"params": init_key}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+  if jnp.issubdtype(state_key.dtype, jax.dtypes.prng_key):
+    state_key = jax.random.key_data(state_key)
+  zero = lambda: jnp.zeros((), jnp.int32)  # separate buffers, for donation
+  ema = jax.tree.map(jnp.copy, params)  # its own buffers: the state is donated leaf by leaf
+  return TrainState(step=zero(), params=params, ema_params=ema, opt_state=optimizer.init(params),
+                    rng=state_key, nonfinite_streak=zero(), nonfinite_total=zero())
+
+
+def train_step(state: TrainState, batch: dict, *, model, optimizer: optax.GradientTransformation,
+               schedule: Schedule, mean_type: str, var_type: str, loss_type: str, weighting: str = "none",
+               t_sampling: str = "uniform", min_snr_gamma: float = 5.0, p2_gamma: float = 1.0,
+               p2_k: float = 1.0, ema: float = 0.9999, ema_warmup: bool = True,
+               learning_rate: Callable | None = None):
+  """One update: t ~ U{0..T-1}, eps ~ N(0, I), loss = mean_b training_losses(x_0, t, eps), Adam step,
+  EMA update. A non-finite loss or gradient norm skips the update (params, optimizer state and EMA keep
+  their values) and is counted.
+
+  batch: {"image": float32 [B, H, W, C] in [-1, 1]}. Returns (new state, metrics dict of scalars).
+  The random numbers depend only on (state.rng, state.step), never on the device layout.
+  """
+  x0 = batch["image"]
+  B = x0.shape[0]
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  t_key, noise_key, dropout_key = jax.random.split(key, 3)
+  t = losses.sample_timesteps(t_key, B, schedule.num_timesteps, t_sampling)
+  noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+
+  def loss_fn(params):
+    model_fn = lambda x, tt: model.apply({"params": params}, x, tt, train=True, rngs={"dropout": dropout_key})
+    terms = losses.training_losses(schedule, model_fn, x0, t, noise, mean_type=mean_type, var_type=var_type,
+                                   loss_type=loss_type, weighting=weighting, min_snr_gamma=min_snr_gamma,
+                                   p2_gamma=p2_gamma, p2_k=p2_k)
+    return jnp.mean(terms["loss"]), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  d = ema_decay(state.step, ema, ema_warmup)
+  new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, new_params)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(new_params, state.params), ema_params=keep(new_ema, state.ema_params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1))
+  T = schedule.num_timesteps
+  quartile = jnp.minimum(4 * t // T, 3)
+  metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"]),
+             "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
+             "nonfinite_total": new_state.nonfinite_total.astype(jnp.float32)}
+  if learning_rate is not None:
+    metrics["lr"] = jnp.asarray(learning_rate(state.step), jnp.float32)
+  for q in range(4):
+    m = (quartile == q).astype(jnp.float32)
+    metrics[f"loss_q{q}"] = jnp.sum(terms["loss"] * m) / jnp.maximum(jnp.sum(m), 1.0)
+  return new_state, metrics
+
+
+def jit_train_step(step_fn: Callable, mesh) -> Callable:
+  """jit(step_fn) with the state replicated and donated, the batch sharded over the mesh's "data" axis."""
+  rep, bat = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(step_fn, in_shardings=(rep, bat), out_shardings=(rep, rep), donate_argnums=(0,))

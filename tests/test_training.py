@@ -1,0 +1,164 @@
+"""TrainState, optimizer, EMA and the jitted data-parallel train step."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxddpm import make_schedule, parallel, training
+from jaxddpm.models.unet import UNet
+
+TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, num_groups=4)
+
+
+class TinyNet(nn.Module):
+  """A cheap stand-in for the UNet (same interface: (x, t, train) -> output, dropout rng)."""
+  out_channels: int = 1
+
+  @nn.compact
+  def __call__(self, x, t, *, train=False):
+    h = nn.Conv(8, (3, 3))(x) + nn.Dense(8)(jnp.sin(t[:, None] / 10.0 * jnp.arange(1, 5)))[:, None, None]
+    h = nn.Dropout(0.1, deterministic=not train)(nn.swish(nn.GroupNorm(4)(h)))
+    return nn.Conv(self.out_channels, (3, 3))(h)
+
+
+@functools.cache
+def _setup(var_type="fixed_large", loss_type="mse", lr=1e-3, unet=False):
+  out = 2 if var_type.startswith("learned") else 1
+  model = UNet(out_channels=out, **TINY) if unet else TinyNet(out)
+  sched = make_schedule("linear", 50)
+  opt = training.make_optimizer(lr=lr, warmup_steps=3, grad_clip=1.0)
+  state = training.init_train_state(jax.random.PRNGKey(0), model, opt, (8, 8, 1))
+  step = functools.partial(training.train_step, model=model, optimizer=opt, schedule=sched, mean_type="eps",
+                           var_type=var_type, loss_type=loss_type, ema=0.99,
+                           learning_rate=training.learning_rate_schedule(lr, 3))
+  return model, sched, opt, state, step
+
+
+def _batch(n=16, seed=1):
+  x = np.random.default_rng(seed).uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32)
+  return {"image": x}
+
+
+def test_learning_rate_warmup_matches_formula():
+  fn = training.learning_rate_schedule(2e-4, 5000)
+  for s in [0, 1, 2499, 4999, 5000, 100000]:
+    np.testing.assert_allclose(float(fn(s)), 2e-4 * min(1.0, (s + 1) / 5000), rtol=1e-6)
+
+
+def test_optimizer_matches_numpy_clip_then_adam():
+  """Two updates of clip_by_global_norm(1) + Adam with warm-up against a float64 numpy reference."""
+  opt = training.make_optimizer(lr=0.1, warmup_steps=4, grad_clip=1.0)
+  p = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([[0.5]])}
+  st = opt.init(p)
+  grads = [{"a": jnp.array([3.0, 4.0, 0.0]), "b": jnp.array([[0.0]])},
+           {"a": jnp.array([0.1, -0.2, 0.05]), "b": jnp.array([[0.3]])}]
+  ref = {k: np.asarray(v, np.float64) for k, v in p.items()}
+  m = {k: np.zeros_like(v) for k, v in ref.items()}
+  v = {k: np.zeros_like(x) for k, x in ref.items()}
+  for i, g in enumerate(grads):
+    upd, st = opt.update(g, st, p)
+    p = optax.apply_updates(p, upd)
+    g = {k: np.asarray(x, np.float64) for k, x in g.items()}
+    norm = np.sqrt(sum(np.sum(x ** 2) for x in g.values()))
+    g = {k: x * min(1.0, 1.0 / norm) for k, x in g.items()}
+    lr = 0.1 * min(1.0, (i + 1) / 4)
+    for k in ref:
+      m[k] = 0.9 * m[k] + 0.1 * g[k]
+      v[k] = 0.999 * v[k] + 0.001 * g[k] ** 2
+      mh, vh = m[k] / (1 - 0.9 ** (i + 1)), v[k] / (1 - 0.999 ** (i + 1))
+      ref[k] = ref[k] - lr * mh / (np.sqrt(vh) + 1e-8)
+  for k in ref:
+    np.testing.assert_allclose(np.asarray(p[k]), ref[k], rtol=1e-5, atol=1e-6)
+
+
+@functools.cache
+def _jitted_step():
+  return jax.jit(_setup()[-1])
+
+
+def test_train_step_updates_params_and_ema_by_formula():
+  model, sched, opt, state, step = _setup()
+  new, metrics = _jitted_step()(state, _batch())
+  assert int(new.step) == 1 and float(metrics["finite"]) == 1.0
+  # EMA with warm-up: decay = min(0.99, (1 + 0) / (10 + 0)) = 0.1 at step 0.
+  d = min(0.99, 1 / 10)
+  for e0, p1, e1 in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(new.params),
+                        jax.tree.leaves(new.ema_params)):
+    np.testing.assert_allclose(np.asarray(e1), d * np.asarray(e0) + (1 - d) * np.asarray(p1), rtol=1e-5,
+                               atol=1e-7)
+  changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params))]
+  assert any(changed)
+  for k in ("loss", "mse", "grad_norm", "lr", "loss_q0", "loss_q3"):
+    assert np.isfinite(float(metrics[k])), k
+  np.testing.assert_allclose(float(metrics["lr"]), 1e-3 / 3, rtol=1e-6)
+
+
+def test_nonfinite_batch_skips_update_and_counts():
+  _, _, _, state, step = _setup()
+  bad = _batch()
+  bad["image"][0, 0, 0, 0] = np.nan
+  new, metrics = _jitted_step()(state, bad)
+  assert float(metrics["finite"]) == 0.0
+  assert int(new.nonfinite_streak) == 1 and int(new.nonfinite_total) == 1 and int(new.step) == 1
+  for a, b in zip(jax.tree.leaves((state.params, state.ema_params, state.opt_state)),
+                  jax.tree.leaves((new.params, new.ema_params, new.opt_state))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  new2, _ = _jitted_step()(new, _batch())
+  assert int(new2.nonfinite_streak) == 0 and int(new2.nonfinite_total) == 1
+
+
+@pytest.mark.parametrize("var_type,loss_type,unet", [("fixed_large", "mse", True),
+                                                     ("learned_range", "hybrid", False)])
+def test_one_step_on_8_devices_equals_1_device(var_type, loss_type, unet):
+  """Same global batch on a mesh of 8 devices and of 1: same loss, gradients and new parameters."""
+  model, sched, opt, state, step = _setup(var_type, loss_type, unet=unet)
+  batch = _batch(16)
+  results = {}
+  for n in (1, 8):
+    mesh = parallel.data_mesh(jax.devices()[:n])
+    st = jax.device_put(jax.tree.map(jnp.copy, state), parallel.replicated(mesh))  # donated below
+    b = parallel.global_batch(batch, mesh)
+    new, metrics = training.jit_train_step(step, mesh)(st, b)
+    assert len(b["image"].sharding.device_set) == n
+    results[n] = (jax.device_get(new), jax.device_get(metrics))
+  (s1, m1), (s8, m8) = results[1], results[8]
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_gradients_on_8_devices_equal_1_device():
+  model, sched, opt, state, _ = _setup()
+  from jaxddpm import losses
+  x = jnp.asarray(_batch(16)["image"])
+  t = jnp.arange(16, dtype=jnp.int32) * 3
+  noise = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+
+  def loss(params, x):
+    f = lambda xt, tt: model.apply({"params": params}, xt, tt)
+    return jnp.mean(losses.training_losses(sched, f, x, t, noise)["loss"])
+
+  grads = {}
+  for n in (1, 8):
+    mesh = parallel.data_mesh(jax.devices()[:n])
+    g = jax.jit(jax.grad(loss), in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)))(
+        state.params, x)
+    grads[n] = jax.device_get(g)
+  for a, b in zip(jax.tree.leaves(grads[1]), jax.tree.leaves(grads[8])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_state_is_jittable_pytree_and_eval_shape_gives_abstract_state():
+  model = UNet(**TINY)
+  opt = training.make_optimizer(lr=1e-3, warmup_steps=0, grad_clip=0.0)
+  abstract = jax.eval_shape(functools.partial(training.init_train_state, model=model, optimizer=opt,
+                                              image_shape=(8, 8, 1)), jax.random.PRNGKey(0))
+  real = training.init_train_state(jax.random.PRNGKey(0), model, opt, (8, 8, 1))
+  assert jax.tree.structure(abstract) == jax.tree.structure(real)
+  for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
+    assert a.shape == r.shape and a.dtype == r.dtype
