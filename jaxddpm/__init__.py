@@ -15,3 +15,8 @@ from jaxddpm.losses import (LOSS_TYPES, T_SAMPLINGS, WEIGHTINGS, calc_bpd_loop,
                             sample_timesteps, snr, training_losses, vb_terms_bpd)
 
 __version__ = "0.1.0"
+from jaxddpm.sampling import (METHODS as SAMPLE_METHODS, ddim_sigma, ddim_step, make_sampler, p_sample,
+                              resolve_timesteps, sample, sample_batched)
+from jaxddpm.models.unet import UNet
+from jaxddpm.models.presets import PRESETS, make_unet, validate_unet_config
+from jaxddpm.training import TrainState, init_train_state, make_optimizer, train_step
