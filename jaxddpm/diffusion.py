@@ -46,13 +46,19 @@ def _check_same_shape(**arrays) -> None:
     raise ValueError(f"shapes must match, got {shapes}")
 
 
-def _tree(fn, *trees):
-  """Applies fn leaf-wise over matching pytrees; fn may return a tuple, giving a tuple of pytrees."""
+def _tree(fn, *trees, names=None):
+  """Applies fn leaf-wise over matching pytrees; fn may return a tuple, giving a tuple of pytrees.
+
+  With ``names`` (one per tree), leaves at the same position must have the same shape.
+  """
   leaves = [jax.tree.leaves(tr) for tr in trees]
   treedef = jax.tree.structure(trees[0])
   for other in trees[1:]:
     if jax.tree.structure(other) != treedef:
       raise ValueError(f"pytree structures must match, got {treedef} and {jax.tree.structure(other)}")
+  if names is not None:
+    for ls in zip(*leaves):
+      _check_same_shape(**dict(zip(names, ls)))
   outs = [fn(*ls) for ls in zip(*leaves)]
   if outs and isinstance(outs[0], tuple):
     return tuple(jax.tree.unflatten(treedef, [o[i] for o in outs]) for i in range(len(outs[0])))
@@ -66,7 +72,7 @@ def q_mean_variance(s: Schedule, x0, t):
   Returns (mean [B, ...], variance [B, 1, ...], log_variance [B, 1, ...]) (leaf-wise for pytrees).
   """
   def f(x):
-    return (extract(s.sqrt_alphas_cumprod, t, x) * x, extract(1.0 - s.alphas_cumprod, t, x),
+    return (extract(s.sqrt_alphas_cumprod, t, x) * x, extract(jnp.square(s.sqrt_one_minus_alphas_cumprod), t, x),
             extract(s.log_one_minus_alphas_cumprod, t, x))
   return _tree(f, x0)
 
@@ -101,47 +107,55 @@ def q_posterior_mean_variance(s: Schedule, x0, x_t, t):
 def predict_x0_from_eps(s: Schedule, x_t, t, eps):
   """x_0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t)   (DDPM eq. 4 solved for x_0). pytree."""
   return _tree(lambda x, e: extract(s.sqrt_recip_alphas_cumprod, t, x) * x
-               - extract(s.sqrt_recipm1_alphas_cumprod, t, x) * e, x_t, eps)
+               - extract(s.sqrt_recipm1_alphas_cumprod, t, x) * e, x_t, eps,
+               names=("x_t", "eps"))
 
 
 def predict_eps_from_x0(s: Schedule, x_t, t, x0):
   """eps = (x_t / sqrt(alphabar_t) - x_0) / sqrt(1/alphabar_t - 1). pytree."""
   return _tree(lambda x, a: (extract(s.sqrt_recip_alphas_cumprod, t, x) * x - a)
-               / extract(s.sqrt_recipm1_alphas_cumprod, t, x), x_t, x0)
+               / extract(s.sqrt_recipm1_alphas_cumprod, t, x), x_t, x0,
+               names=("x_t", "x0"))
 
 
 def predict_x0_from_v(s: Schedule, x_t, t, v):
   """x_0 = sqrt(alphabar_t) x_t - sqrt(1 - alphabar_t) v   (Salimans & Ho 2022). pytree."""
   return _tree(lambda x, u: extract(s.sqrt_alphas_cumprod, t, x) * x
-               - extract(s.sqrt_one_minus_alphas_cumprod, t, x) * u, x_t, v)
+               - extract(s.sqrt_one_minus_alphas_cumprod, t, x) * u, x_t, v,
+               names=("x_t", "v"))
 
 
 def predict_eps_from_v(s: Schedule, x_t, t, v):
   """eps = sqrt(1 - alphabar_t) x_t + sqrt(alphabar_t) v   (Salimans & Ho 2022). pytree."""
   return _tree(lambda x, u: extract(s.sqrt_one_minus_alphas_cumprod, t, x) * x
-               + extract(s.sqrt_alphas_cumprod, t, x) * u, x_t, v)
+               + extract(s.sqrt_alphas_cumprod, t, x) * u, x_t, v,
+               names=("x_t", "v"))
 
 
 def v_from_eps_x0(s: Schedule, x0, t, eps):
   """v = sqrt(alphabar_t) eps - sqrt(1 - alphabar_t) x_0, the v-prediction target. pytree."""
   return _tree(lambda a, e: extract(s.sqrt_alphas_cumprod, t, a) * e
-               - extract(s.sqrt_one_minus_alphas_cumprod, t, a) * a, x0, eps)
+               - extract(s.sqrt_one_minus_alphas_cumprod, t, a) * a, x0, eps,
+               names=("x0", "eps"))
 
 
 def predict_x0_from_xprev(s: Schedule, x_t, t, x_prev):
   """x_0 = (mutilde_t - coef2_t x_t) / coef1_t, inverting the posterior mean (DDPM's "xprev"). pytree."""
   return _tree(lambda x, p: (p - extract(s.posterior_mean_coef2, t, x) * x)
-               / extract(s.posterior_mean_coef1, t, x), x_t, x_prev)
+               / extract(s.posterior_mean_coef1, t, x), x_t, x_prev,
+               names=("x_t", "x_prev"))
 
 
 def score_from_eps(s: Schedule, x_t, t, eps):
   """Tweedie: grad_x log q(x_t) = -E[eps | x_t] / sqrt(1 - alphabar_t). pytree (x_t gives the shape)."""
-  return _tree(lambda x, e: -e / extract(s.sqrt_one_minus_alphas_cumprod, t, x), x_t, eps)
+  return _tree(lambda x, e: -e / extract(s.sqrt_one_minus_alphas_cumprod, t, x), x_t, eps,
+               names=("x_t", "eps"))
 
 
 def eps_from_score(s: Schedule, x_t, t, score):
   """eps = -sqrt(1 - alphabar_t) grad_x log q(x_t), the inverse of `score_from_eps`. pytree."""
-  return _tree(lambda x, sc: -extract(s.sqrt_one_minus_alphas_cumprod, t, x) * sc, x_t, score)
+  return _tree(lambda x, sc: -extract(s.sqrt_one_minus_alphas_cumprod, t, x) * sc, x_t, score,
+               names=("x_t", "score"))
 
 
 # ---------------------------------------------------------------------------------------- reverse

@@ -36,7 +36,8 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
   except ValueError:
     raise ValueError("normal_kl: shapes do not broadcast: "
                      f"{[jnp.shape(a) for a in (mean1, logvar1, mean2, logvar2)]}") from None
-  return 0.5 * (-1.0 + logvar2 - logvar1 + jnp.exp(logvar1 - logvar2)
+  # -1 + e^d written as expm1(d): exactly 0 for equal Gaussians, no cancellation when they are close.
+  return 0.5 * (logvar2 - logvar1 + jnp.expm1(logvar1 - logvar2)
                 + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
@@ -59,8 +60,13 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
   min_in = inv_stdv * (centered - 1.0 / 255.0)
   log_cdf_plus = jax.scipy.special.log_ndtr(plus_in)
   log_one_minus_cdf_min = jax.scipy.special.log_ndtr(-min_in)
-  cdf_delta = jax.scipy.special.ndtr(plus_in) - jax.scipy.special.ndtr(min_in)
-  log_delta = jnp.log(jnp.maximum(cdf_delta, 1e-12))
+  # log(Phi(b) - Phi(a)) in log space, on the tail side where both CDFs are small (above the mean,
+  # Phi(b) - Phi(a) = Phi(-a) - Phi(-b)): exact in both tails, no float32 cancellation near 1 and no floor.
+  upper = centered > 0
+  log_hi = jax.scipy.special.log_ndtr(jnp.where(upper, -min_in, plus_in))
+  log_lo = jax.scipy.special.log_ndtr(jnp.where(upper, -plus_in, min_in))
+  d = log_lo - log_hi  # < 0
+  log_delta = log_hi + jnp.where(d > -0.693, jnp.log(-jnp.expm1(d)), jnp.log1p(-jnp.exp(d)))
   return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
@@ -89,7 +95,8 @@ def vb_terms_bpd(s: Schedule, model_output, x0, x_t, t, *, mean_type: str = "eps
 
 def snr(s: Schedule, t) -> jnp.ndarray:
   """Signal-to-noise ratio SNR(t) = alphabar_t / (1 - alphabar_t): t [B] -> [B]."""
-  return s.alphas_cumprod[t] / (1.0 - s.alphas_cumprod[t])
+  # From the float64-derived square roots: 1 - alphabar_t in float32 would cancel at small t.
+  return jnp.square(s.sqrt_alphas_cumprod[t] / s.sqrt_one_minus_alphas_cumprod[t])
 
 
 def loss_weight(s: Schedule, t, *, mean_type: str, weighting: str = "none", min_snr_gamma: float = 5.0,
@@ -102,6 +109,7 @@ def loss_weight(s: Schedule, t, *, mean_type: str, weighting: str = "none", min_
   "min_snr": w_eps = min(SNR, gamma) / SNR (Hang et al. 2023);
   "p2": w_eps = 1 / (k + SNR)^gamma (Choi et al. 2022).
   """
+  check_choice("mean_type", mean_type, MEAN_TYPES)
   check_choice("weighting", weighting, WEIGHTINGS)
   if weighting == "none":
     return jnp.ones(jnp.shape(t), jnp.float32)
@@ -116,7 +124,10 @@ def loss_weight(s: Schedule, t, *, mean_type: str, weighting: str = "none", min_
 def sample_timesteps(key, batch_size: int, num_timesteps: int, method: str = "uniform") -> jnp.ndarray:
   """t ~ Uniform{0, ..., T-1}, int32 [batch_size]. "antithetic" pairs t with T-1-t (halves the variance of
   the loss estimate for losses monotone in t); for odd batch sizes the last draw is unpaired."""
-  check_choice("t_sampling", method, T_SAMPLINGS)
+  check_choice("method", method, T_SAMPLINGS)
+  for name, value, low in (("num_timesteps", num_timesteps, 1), ("batch_size", batch_size, 0)):
+    if not hasattr(value, "__index__") or isinstance(value, bool) or value < low:
+      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
   if method == "uniform":
     return jax.random.randint(key, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
   half = jax.random.randint(key, ((batch_size + 1) // 2,), 0, num_timesteps, dtype=jnp.int32)

@@ -240,7 +240,13 @@ def respace(schedule: Schedule, timesteps) -> Schedule:
     raise ValueError(f"timesteps must be a non-empty 1-D array of indices, got shape {kept.shape}")
   if np.any(np.diff(kept) <= 0) or kept[0] < 0 or kept[-1] >= T:
     raise ValueError(f"timesteps must be strictly increasing integers in [0, {T}), got {kept}")
-  log_alphas = np.log1p(-np.asarray(schedule.betas, dtype=np.float64))
+  betas = np.asarray(schedule.betas, dtype=np.float64)
+  ac = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
+  ac_prev = np.asarray(schedule.alphas_cumprod_prev, dtype=np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    # log alpha_t from the stored float32 field that keeps it accurate: log1p(-beta_t) for small betas, the
+    # ratio alphabar_t / alphabar_{t-1} for betas near 1 (a float32 beta_t = 0.999 or 1 - 1e-8 has lost 1 - beta_t).
+    log_alphas = np.where(betas < 0.5, np.log1p(-np.minimum(betas, 0.5)), np.log(ac) - np.log(ac_prev))
   log_ac = np.cumsum(log_alphas)
   log_ac_prev = np.append(0.0, log_ac[kept[:-1]])
   new_betas = -np.expm1(log_ac[kept] - log_ac_prev)
