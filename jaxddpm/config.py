@@ -39,7 +39,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample = dict(num_samples=64, batch_size=64, method="ancestral", timesteps=config_dict.placeholder(str),
                   eta=0.0, clip_denoised=True, seed=0, use_ema=True, grid_cols=8)
   c.eval = dict(num_examples=config_dict.placeholder(int), batch_size=64, seed=0, fid_num_samples=50_000,
-                inception_weights=config_dict.placeholder(str), fid_stats=config_dict.placeholder(str))
+                inception_weights=config_dict.placeholder(str), fid_stats=config_dict.placeholder(str),
+                # which metrics --mode evaluate runs: "auto" (bpd, figures, and FID when inception_weights is
+                # set, else the in-domain score for digits/mnist5k) or a comma-separated subset of
+                # "bpd,fid,in_domain,figures" (see jaxddpm.evaluate)
+                metrics="auto", use_ema=True,
+                # bits/dim: clip the predicted x0 to [-1, 1] in p(x_{t-1} | x_t), as the DDPM and Improved
+                # DDPM evaluation code does (any fixed decoder gives a valid bound)
+                bpd_clip_denoised=True,
+                # FID reference: the split whose statistics are computed (and cached in stats_dir, default
+                # WORKDIR/eval) when fid_stats is not given, or the split a published fid_stats file is of
+                fid_stats_split="train", stats_dir=config_dict.placeholder(str),
+                # in-domain score (built-in datasets): samples scored, training steps of the cached classifier
+                in_domain_num_samples=200, classifier_steps=400,
+                # figures: samples in the grid, snapshots of the predicted x0 along the chain, interpolation
+                # pairs / lambdas / the paper's t to encode to (None: T // 2)
+                figure_num_samples=16, figure_num_snapshots=10, interp_num_pairs=4, interp_num_lambdas=11,
+                interp_timestep=config_dict.placeholder(int))
   return c
 
 
@@ -150,6 +166,8 @@ def validate(config, image_shape=None) -> None:
       schedule.space_timesteps(config.diffusion.num_timesteps, config.sample.timesteps)
     except ValueError as e:
       raise ValueError(f"config.sample.timesteps: {e}") from None
+  from jaxddpm import evaluate  # noqa: PLC0415  (evaluate imports this module)
+  evaluate.validate_eval_config(config)
   if image_shape is not None:
     if image_shape[0] != image_shape[1]:
       _fail("data.image_size", image_shape, "square images")
