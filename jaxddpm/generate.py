@@ -6,7 +6,6 @@ WORKDIR/samples/. The sampler is config.sample's (ancestral or DDIM, optionally 
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -14,12 +13,7 @@ import numpy as np
 from etils import epath
 
 from jaxddpm import checkpoint, experiment, images, parallel, sampling
-
-
-@functools.lru_cache(maxsize=None)
-def _apply_fn(model):
-  """One apply function per model, so the sampler's compile cache hits on every call."""
-  return lambda params, x, t: model.apply({"params": params}, x, t, train=False)
+from jaxddpm.metrics import report
 
 
 def sample_uint8(config, model, sched, params, mesh, image_shape, num_samples: int, *,
@@ -30,7 +24,7 @@ def sample_uint8(config, model, sched, params, mesh, image_shape, num_samples: i
   shape = (num_samples,) + tuple(image_shape)
   key = jax.random.PRNGKey(s.seed if seed is None else seed)
   out = sampling.sample_batched(
-      _apply_fn(model), params, sched, shape, key, batch_size=min(s.batch_size, num_samples), mesh=mesh,
+      report.apply_fn(model), params, sched, shape, key, batch_size=min(s.batch_size, num_samples), mesh=mesh,
       method=s.method, timesteps=s.timesteps, eta=s.eta, mean_type=config.diffusion.mean_type,
       var_type=config.diffusion.var_type, clip_denoised=s.clip_denoised, snapshot_every=snapshot_every)
   out["samples"] = np.asarray(images.to_uint8(out["samples"]))

@@ -20,7 +20,7 @@ from scipy import stats
 
 import jaxddpm as jd
 from jaxddpm import checkpoint, data, evaluate, experiment, sampling
-from jaxddpm.metrics import fid_stats, frechet
+from jaxddpm.metrics import bpd, fid, fid_stats, frechet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,9 +73,9 @@ def test_bpd_over_split_gaussian_data_exact_denoiser_reaches_entropy():
       img[:k], idx[:k] = x0[start:start + k], np.arange(start, start + k)
       yield {"image": img, "index": idx, "mask": idx >= 0, "label": np.zeros((B,), np.int32)}
 
-  res = evaluate.bpd_over_split(apply_fn, {"mu": jnp.float32(mu), "sd": jnp.float32(sd)}, jd.make_schedule("linear", T),
-                                batches(), mesh=mesh_of(8), key=jax.random.key(3), var_type="learned",
-                                progress=False)
+  res = bpd.bpd_over_split(apply_fn, {"mu": jnp.float32(mu), "sd": jnp.float32(sd)}, jd.make_schedule("linear", T),
+                           batches(), mesh=mesh_of(8), key=jax.random.key(3), var_type="learned",
+                           progress=False)
   levels = np.arange(256) / 127.5 - 1
   edges = np.concatenate([[-np.inf], levels[:-1] + 1 / 255, [np.inf]])
   P = np.diff(stats.norm(mu, sd).cdf(edges))
@@ -116,8 +116,8 @@ def test_bpd_same_for_1_or_8_devices_and_any_batch_size(data_dir):
   results = []
   for devices, bs in [(1, 4), (8, 16)]:
     it = data.make_eval_iterator("digits", split="test", data_dir=data_dir, global_batch_size=bs, num_threads=0)
-    results.append(evaluate.bpd_over_split(toy_apply, TOY_PARAMS, sched, it, mesh=mesh_of(devices), key=key,
-                                           num_examples=n, num_batches=math.ceil(n / bs), progress=False))
+    results.append(bpd.bpd_over_split(toy_apply, TOY_PARAMS, sched, it, mesh=mesh_of(devices), key=key,
+                                      num_examples=n, num_batches=math.ceil(n / bs), progress=False))
   src = data.data_source("digits", "test", data_dir)
   x0 = np.stack([src[i]["image"] for i in range(n)]).astype(np.float32) / 127.5 - 1
   ref = jax.jit(lambda x: jd.calc_bpd_loop(sched, lambda x, t: toy_apply(TOY_PARAMS, x, t), x, key,
@@ -137,7 +137,7 @@ def test_write_bpd_outputs_csv(tmp_path):
   T = 5
   terms = np.array([3.0, 0.5, 0.25, 0.125, 0.0625])
   res = {"prior_bpd": 0.01, "terms_bpd": terms, "x0_mse": np.linspace(0.001, 0.5, T), "eps_mse": np.ones(T)}
-  paths = evaluate.write_bpd_outputs(res, str(tmp_path), step=7)
+  paths = bpd.write_bpd_outputs(res, str(tmp_path), step=7)
   rows = [line.split(",") for line in open(paths["csv"]).read().splitlines()]
   assert rows[0][:3] == ["term", "t", "bpd"] and rows[1][0] == "L_T"
   body = rows[2:]
@@ -185,8 +185,8 @@ def test_fid_report_reference_cache_and_protocol(data_dir, tmp_path):
   feature_fn = lambda u: u.reshape(u.shape[0], -1).astype(np.float64) / 255.0
   sched = jd.make_schedule("cosine", 20)
   workdir = str(tmp_path / "w")
-  out = evaluate.fid_report(c, ToyModel(), sched, TOY_PARAMS, mesh_of(8), (8, 8, 1), workdir, step=3,
-                            feature_fn=feature_fn, feature_extractor="pixels")
+  out = fid.fid_report(c, ToyModel(), sched, TOY_PARAMS, mesh_of(8), (8, 8, 1), workdir, step=3,
+                       feature_fn=feature_fn, feature_extractor="pixels")
   src = data.data_source("digits", "train", data_dir)
   real = np.stack([src[i]["image"] for i in range(len(src))])
   mu_r, sigma_r = frechet.feature_statistics(feature_fn(real))
@@ -207,8 +207,8 @@ def test_fid_report_reference_cache_and_protocol(data_dir, tmp_path):
   # A second report reuses the cache: a file of other statistics in its place changes the FID.
   fid_stats.save_statistics(tmp_path / "stats" / cached[0], mu_r + 1.0, sigma_r, image_shape=[8, 8, 1],
                             feature_extractor="pixels")
-  again = evaluate.fid_report(c, ToyModel(), sched, TOY_PARAMS, mesh_of(8), (8, 8, 1), workdir, step=3,
-                              feature_fn=feature_fn, feature_extractor="pixels")
+  again = fid.fid_report(c, ToyModel(), sched, TOY_PARAMS, mesh_of(8), (8, 8, 1), workdir, step=3,
+                         feature_fn=feature_fn, feature_extractor="pixels")
   np.testing.assert_allclose(again["fid"], frechet.frechet_distance(mu_s, sigma_s, mu_r + 1.0, sigma_r), rtol=1e-9)
 
 
@@ -222,8 +222,8 @@ jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processe
                            initialization_timeout=60)
 import numpy as np, jax.numpy as jnp
 import jaxddpm as jd
-from jaxddpm import evaluate, parallel
-from jaxddpm.metrics import frechet
+from jaxddpm import parallel
+from jaxddpm.metrics import bpd, fid, frechet
 exec(sys.argv[4])  # MP_HELPERS of the test: the model, the data and the features
 
 x, params, sched = mp_data(), mp_params(), jd.make_schedule("cosine", 10)
@@ -238,10 +238,10 @@ def batches():
 
 nb = max(-(-((p + 1) * MP_N // 2 - p * MP_N // 2) // MP_B) for p in range(2))
 mesh = parallel.data_mesh()
-res = evaluate.bpd_over_split(mp_apply, params, sched, batches(), mesh=mesh, key=jax.random.PRNGKey(0),
-                              num_batches=nb, progress=False)
-ms = evaluate.sample_feature_moments(mp_apply, params, sched, (4, 4, 1), 11, mp_features, mesh=mesh,
-                                     key=jax.random.PRNGKey(1), batch_size=4, progress=False)
+res = bpd.bpd_over_split(mp_apply, params, sched, batches(), mesh=mesh, key=jax.random.PRNGKey(0),
+                         num_batches=nb, progress=False)
+ms = fid.sample_feature_moments(mp_apply, params, sched, (4, 4, 1), 11, mp_features, mesh=mesh,
+                                key=jax.random.PRNGKey(1), batch_size=4, progress=False)
 mu, sigma = frechet.moments_statistics(ms)
 json.dump({"bpd": res["bpd"], "n": res["num_examples"], "terms": res["terms_bpd"].tolist(), "count": ms.count,
            "mu": mu.tolist(), "sigma": sigma.tolist()}, open(out, "w"))
