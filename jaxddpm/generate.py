@@ -34,7 +34,7 @@ def sample_uint8(config, model, sched, params, mesh, image_shape, num_samples: i
 def grid_png(samples_uint8: np.ndarray, cols: int) -> np.ndarray:
   """A grid of samples, upscaled so that tiny (8x8) images stay visible."""
   grid = images.make_grid(samples_uint8, ncols=cols)
-  factor = max(1, 256 // max(grid.shape[:2]))
+  factor = max(1, 512 // max(grid.shape[:2]))
   return images.upscale(grid[None], factor)[0] if factor > 1 else grid
 
 
