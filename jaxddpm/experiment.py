@@ -12,20 +12,26 @@ from jaxddpm.models.unet import UNet
 from jaxddpm.schedule import make_schedule
 
 
-def build(config, image_shape):
-  """(model, schedule, optimizer, learning-rate schedule) of a validated config."""
+def _model_and_optimizer(config, image_shape):
+  """(model, optimizer, learning-rate schedule): what the train state's shapes need, no device arrays."""
   model = UNet(**config_lib.unet_kwargs(config, image_shape))
-  sched = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   o = config.optim
   optimizer = training.make_optimizer(lr=o.lr, warmup_steps=o.warmup_steps, grad_clip=o.grad_clip, b1=o.b1,
                                       b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  return model, sched, optimizer, training.learning_rate_schedule(o.lr, o.warmup_steps)
+  return model, optimizer, training.learning_rate_schedule(o.lr, o.warmup_steps)
+
+
+def build(config, image_shape):
+  """(model, schedule, optimizer, learning-rate schedule) of a validated config."""
+  model, optimizer, lr_fn = _model_and_optimizer(config, image_shape)
+  sched = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  return model, sched, optimizer, lr_fn
 
 
 def abstract_state(config, model, optimizer, image_shape):
-  key = jax.random.PRNGKey(config.training.seed)
-  return jax.eval_shape(functools.partial(training.init_train_state, model=model, optimizer=optimizer,
-                                          image_shape=image_shape), key)
+  """The train state's shapes and dtypes (traced only: nothing is compiled or computed)."""
+  init = functools.partial(training.init_train_state, model=model, optimizer=optimizer, image_shape=image_shape)
+  return jax.eval_shape(lambda: init(jax.random.PRNGKey(config.training.seed)))
 
 
 def run_meta(config, image_shape, abstract) -> dict:
@@ -55,16 +61,22 @@ def check_compatible(workdir: str, manager, meta: dict) -> None:
 
 
 def prepare(config, workdir: str):
-  """Everything checked before compiling: config, dataset, image shape, batch size, workdir."""
+  """Everything checked before compiling: config, dataset, image shape, batch size, workdir.
+
+  Compiles nothing and writes nothing: the checkpoint manager it returns is read-only (train opens a
+  writing one once these checks have passed).
+  """
   config_lib.validate(config)
   image_shape = data.dataset_info(config.data.name, config.data.data_dir,
                                   image_size=config.data.image_size).image_shape
   config_lib.validate(config, image_shape)
   mesh = parallel.data_mesh()
   parallel.check_batch_size(config.training.batch_size, mesh)
-  model, sched, optimizer, lr_fn = build(config, image_shape)
+  model, optimizer, lr_fn = _model_and_optimizer(config, image_shape)
   abstract = abstract_state(config, model, optimizer, image_shape)
   meta = run_meta(config, image_shape, abstract)
-  manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints)
+  # read-only: refusing a workdir (or sampling from a live one) must not change it; train opens its own
+  manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints, read_only=True)
   check_compatible(workdir, manager, meta)
+  sched = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)  # the first device arrays
   return image_shape, mesh, model, sched, optimizer, lr_fn, abstract, meta, manager

@@ -24,6 +24,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_N
 _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"])
                                    if os.environ.get("JAX_PROCESS_ID") else None,
                                    "This process's index (with --coordinator_address).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100,
+                                  "Multi-process runs: seconds without a heartbeat after which a process is "
+                                  "declared dead; the other processes then stop with an error.")
 
 
 def main(argv) -> int:
@@ -36,7 +39,11 @@ def main(argv) -> int:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   from jaxddpm import parallel  # noqa: PLC0415  (import jax only after flags are parsed)
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                    heartbeat_timeout_s=_HEARTBEAT.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   import jax  # noqa: PLC0415
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
@@ -54,6 +61,16 @@ def main(argv) -> int:
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 3
+  except Exception as e:  # noqa: BLE001
+    if jax.process_count() == 1:
+      raise
+    # A failed collective or barrier almost always means that another process died. Say so and exit at
+    # once: a normal exit would wait in jax.distributed.shutdown for the dead process.
+    print(f"error: process {jax.process_index()} of {jax.process_count()} stops: {type(e).__name__}: "
+          f"{str(e)[:2000]}\n(in a multi-process run this usually means that another process failed or was "
+          "killed; see its log)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(4)
   return 0
 
 

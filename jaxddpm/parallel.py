@@ -16,26 +16,61 @@ MULTI_HOST_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLUR
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, timeout_s: int = 300) -> bool:
+                           process_id: int | None = None, timeout_s: int = 300,
+                           heartbeat_timeout_s: int = 100, shutdown_timeout_s: int = 60) -> bool:
   """Starts JAX's multi-controller runtime when this is one process of several.
 
   Explicit arguments (GPU hosts, tests on 127.0.0.1) are passed to `jax.distributed.initialize`;
   otherwise a multi-host TPU slice or a cluster manager is auto-detected from its environment and JAX
   finds its peers itself. On one host nothing happens. Returns True when the runtime was started.
+
+  Failure bounds: start-up waits at most timeout_s for every process to connect; once running, a
+  process that sends no heartbeat for heartbeat_timeout_s is declared dead and JAX's coordination
+  service aborts all the others (non-zero exit, "Terminating process because the JAX distributed service
+  detected fatal errors"); at exit a process waits at most shutdown_timeout_s for the others.
   """
+  for name, v in (("timeout_s", timeout_s), ("heartbeat_timeout_s", heartbeat_timeout_s),
+                  ("shutdown_timeout_s", shutdown_timeout_s)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+      raise ValueError(f"{name} must be an integer >= 1 (seconds), got {v!r}")
+  timeouts = dict(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s,
+                  shutdown_timeout_seconds=shutdown_timeout_s)
   if coordinator_address:
     if num_processes is None or process_id is None:
       raise ValueError("--coordinator_address needs --num_processes and --process_id")
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--process_id must be in [0, {num_processes}), got {process_id}")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=timeout_s)
-    return True
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if "," in hosts or any(os.environ.get(k) for k in MULTI_HOST_ENV[1:]):
-    jax.distributed.initialize()
-    return True
-  return False
+                               process_id=process_id, **timeouts)
+  else:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not ("," in hosts or any(os.environ.get(k) for k in MULTI_HOST_ENV[1:])):
+      return False
+    jax.distributed.initialize(**timeouts)
+  _use_coordination_barriers()
+  return True
+
+
+def _use_coordination_barriers() -> None:
+  """Makes orbax synchronise processes with the coordination service's barriers (with timeouts) rather
+  than with device collectives, which on CPU (gloo) fail when processes arrive more than ~30 s apart."""
+  from absl import flags  # noqa: PLC0415
+  import orbax.checkpoint  # noqa: F401, PLC0415  (defines the flag)
+  if "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+
+
+_barriers: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: int = 600) -> None:
+  """Waits until every process reaches this point (a coordination-service barrier, no device
+  collective); a no-op with one process. Raises when a process does not arrive within timeout_s."""
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  n = _barriers[name] = _barriers.get(name, 0) + 1
+  ocp.multihost.get_barrier_sync_fn()(key=f"{name}_{n}", timeout_ms=timeout_s * 1000)
 
 
 def data_mesh(devices=None) -> Mesh:

@@ -43,10 +43,12 @@ class Preemption:
 
 def run(config, workdir: str) -> None:
   """Trains (or resumes training) to config.training.num_steps."""
-  image_shape, mesh, model, sched, optimizer, lr_fn, abstract, meta, manager = experiment.prepare(config, workdir)
+  image_shape, mesh, model, sched, optimizer, lr_fn, abstract, meta, reader = experiment.prepare(config, workdir)
+  reader.close()
   tc, d = config.training, config.diffusion
   rep = parallel.replicated(mesh)
-  restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(abstract, rep))
+  manager = checkpoint.make_manager(workdir, keep=tc.keep_checkpoints)  # checks passed: now we may write
+  restored = checkpoint.restore_latest(manager, checkpoint.abstract_like(abstract, rep), move_damaged=True)
   it = data.make_train_iterator(
       config.data.name, split=config.data.split, data_dir=config.data.data_dir,
       global_batch_size=tc.batch_size, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -56,17 +58,27 @@ def run(config, workdir: str) -> None:
     init = jax.jit(functools.partial(training.init_train_state, model=model, optimizer=optimizer,
                                      image_shape=image_shape), out_shardings=rep)
     state = init(jax.random.PRNGKey(tc.seed))
-    logging.info("starting from scratch in %s", workdir)
+    message = f"starting from scratch in {workdir}"
   else:
     state, data_state, _ = restored
     it.set_state(data_state["iterator"])
-    logging.info("resumed from step %d in %s", int(parallel.replicated_to_host(state.step)), workdir)
+    message = f"resumed from step {int(parallel.replicated_to_host(state.step))} in {workdir}"
+  logging.info(message)
+  if jax.process_index() == 0:
+    print(message, flush=True)
   step_fn = functools.partial(
       training.train_step, model=model, optimizer=optimizer, schedule=sched, mean_type=d.mean_type,
       var_type=d.var_type, loss_type=d.loss_type, weighting=d.weighting, t_sampling=d.t_sampling,
       min_snr_gamma=d.min_snr_gamma, p2_gamma=d.p2_gamma, p2_k=d.p2_k, ema=config.optim.ema_decay,
       ema_warmup=config.optim.ema_warmup, learning_rate=lr_fn)
   p_step = training.jit_train_step(step_fn, mesh)
+  if jax.process_count() > 1:
+    # Compile first, then meet: the first collective must not wait for a peer still compiling (CPU
+    # collectives give up after ~30 s), and a peer that never arrives is reported by the barrier.
+    batch_spec = {"image": jax.ShapeDtypeStruct((tc.batch_size,) + tuple(image_shape), np.float32,
+                                                sharding=parallel.batch_sharded(mesh))}
+    p_step = p_step.lower(state, batch_spec).compile()
+    parallel.barrier("jaxddpm_train_step_compiled")
 
   is_main = jax.process_index() == 0
   writer = logger.MetricWriter(workdir, enabled=is_main)
@@ -78,6 +90,8 @@ def run(config, workdir: str) -> None:
   acc, t_input, t_last = [], 0.0, time.time()
 
   def save(step, force=False):
+    # The iterator state is a position in this process's stream, the same on every process (they all
+    # consume one local batch per step), so the copy orbax writes from process 0 serves them all.
     checkpoint.save(manager, step, state, {"iterator": it.get_state()}, meta, force=force)
 
   try:
