@@ -20,6 +20,7 @@ def get_config():
   c.training.checkpoint_every = 2
   c.training.keep_checkpoints = 10
   c.training.sample_every = 1000
+  c.training.eval_at_end = False  # the in-domain score is tested in test_evaluate.py
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 2
   c.optim.ema_decay = 0.9

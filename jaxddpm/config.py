@@ -33,7 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
                      loss_type="mse", weighting="none", t_sampling="uniform", min_snr_gamma=5.0,
                      p2_gamma=1.0, p2_k=1.0)
   c.training = dict(batch_size=128, num_steps=800_000, seed=0, log_every=100, checkpoint_every=10_000,
-                    keep_checkpoints=3, sample_every=50_000, max_nonfinite_streak=20)
+                    keep_checkpoints=3, sample_every=50_000, max_nonfinite_streak=20,
+                    eval_at_end=True)  # the built-in datasets' in-domain score when training ends
   c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                  ema_decay=0.9999, ema_warmup=True)
   c.sample = dict(num_samples=64, batch_size=64, method="ancestral", timesteps=config_dict.placeholder(str),
@@ -150,7 +151,7 @@ def validate(config, image_shape=None) -> None:
   _number(config, "optim.grad_clip", 0.0, float("inf"))
   _number(config, "optim.b1", 0.0, 1.0, hi_open=True)
   _number(config, "optim.b2", 0.0, 1.0, hi_open=True)
-  _number(config, "optim.eps", 0.0, 1.0)
+  _number(config, "optim.eps", 0.0, 1.0, lo_open=True)  # eps = 0 makes Adam's first steps 0/0
   _number(config, "optim.weight_decay", 0.0, 1.0)
   _number(config, "optim.ema_decay", 0.0, 1.0)
   _choice(config, "sample.method", SAMPLE_METHODS)

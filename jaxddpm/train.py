@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxddpm import checkpoint, data, experiment, generate, logger, parallel, training
+from jaxddpm import checkpoint, data, evaluate, experiment, generate, logger, parallel, training
 
 
 class Preemption:
@@ -128,6 +128,12 @@ def run(config, workdir: str) -> None:
       if step % tc.sample_every == 0 or step == tc.num_steps:
         generate.write_sample_grid(config, model, sched, state.ema_params, mesh, image_shape, workdir, step,
                                     writer)
+      if step == tc.num_steps and tc.eval_at_end and config.data.name in evaluate.IN_DOMAIN_DATASETS:
+        manager.wait_until_finished()
+        result = evaluate.in_domain_report(config, model, sched, state.ema_params, mesh, image_shape, workdir,
+                                           step=step)
+        writer.write_scalars(step, {f"in_domain/{k}": v for k, v in result.items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
   finally:
     manager.wait_until_finished()
     writer.close()
