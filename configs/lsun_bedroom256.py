@@ -1,23 +1,9 @@
-"""DDPM on LSUN bedroom at 256x256 (Ho et al. 2020, Appendix B): the 114M-parameter UNet (ch 128, mults
-1,1,2,2,4,4, 2 blocks, attention at 16x16), lr 2e-5, batch 64, 2.4M steps, EMA 0.9999, random flips,
-no dropout. Prepare the tfds dataset first (on TPU, usually in a GCS data_dir). bfloat16 activations.
+"""DDPM on LSUN bedroom (2.4M steps) at 256x256: the paper's recipe (see `jaxddpm.config.ddpm256_config`).
+
+Prepare the tfds dataset first (on TPU usually in a GCS data_dir: --config.data.data_dir=gs://...).
 """
-from jaxddpm.config import base_config
+from jaxddpm.config import ddpm256_config
 
 
 def get_config():
-  c = base_config()
-  c.data.name = "lsun/bedroom"
-  c.data.image_size = 256
-  c.model.preset = "bedroom256"
-  c.model.dtype = "bfloat16"
-  c.training.batch_size = 64
-  c.data.eval_split = "validation"
-  c.training.num_steps = 2_400_000
-  c.training.sample_every = 100_000
-  c.optim.lr = 2e-5
-  c.sample.num_samples = 16
-  c.sample.batch_size = 16
-  c.sample.grid_cols = 4
-  c.eval.batch_size = 16
-  return c
+  return ddpm256_config("lsun/bedroom", "bedroom256", num_steps=2_400_000, eval_split="validation")

@@ -60,6 +60,20 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def ddpm256_config(dataset: str, preset: str, num_steps: int, eval_split: str) -> ml_collections.ConfigDict:
+  """DDPM's 256x256 recipe (Ho et al. 2020, Appendix B): the 114M-parameter UNet, lr 2e-5, batch 64,
+  EMA 0.9999, random flips, no dropout, bfloat16 activations; for CelebA-HQ and LSUN."""
+  c = base_config()
+  c.data.name, c.data.image_size, c.data.eval_split = dataset, 256, eval_split
+  c.model.preset, c.model.dtype = preset, "bfloat16"
+  c.training.batch_size, c.training.num_steps, c.training.sample_every = 64, num_steps, 100_000
+  c.optim.lr = 2e-5
+  c.sample.num_samples = c.sample.batch_size = 16
+  c.sample.grid_cols = 4
+  c.eval.batch_size = 16
+  return c
+
+
 MODEL_OVERRIDES = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "num_heads",
                    "use_scale_shift_norm", "resamp_with_conv", "num_groups")
 
