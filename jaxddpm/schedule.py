@@ -165,7 +165,7 @@ def schedule_from_betas(betas, timesteps=None) -> Schedule:
         posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1.0 - ac),
         posterior_mean_coef2=(1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
         large_variance=large_var, large_log_variance=np.log(large_var))
-  out = {k: jnp.asarray(v.astype(np.float32)) for k, v in arrays.items()}  # cast in numpy: no XLA op
+  out = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in arrays.items()}
   return Schedule(timesteps=jnp.asarray(timesteps, dtype=jnp.int32), **out)
 
 
