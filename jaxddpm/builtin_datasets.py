@@ -112,7 +112,7 @@ BUILDERS = {"digits": JaxddpmDigits, "mnist5k": JaxddpmMnist5k}
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
   """Exclusive advisory lock on `path` (created if missing), released on exit."""
   with open(path, "a+") as f:
     fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -142,7 +142,7 @@ def builtin_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   config = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
   if _is_local(data_dir):
     os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, f"{cls.name}.lock")):
+    with file_lock(os.path.join(data_dir, f"{cls.name}.lock")):
       builder = cls(data_dir=data_dir)  # re-read: another process may have built it meanwhile
       if not builder.is_prepared():
         builder.download_and_prepare(file_format="array_record", download_config=config)

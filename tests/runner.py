@@ -6,9 +6,7 @@ session (and by the pytest-xdist workers of one session), so only the first run 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from jaxddpm import builtin_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CONFIG = REPO / "configs" / "test.py"
@@ -47,17 +47,6 @@ def session_data_dir(tmp_path_factory) -> str:
   return str(path)
 
 
-@contextlib.contextmanager
-def file_lock(path):
-  """An exclusive lock between the processes (xdist workers) of a session."""
-  with open(path, "a+") as f:
-    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 # The reference run shared by test_e2e and test_resume: uninterrupted, REFERENCE_STEPS steps of
 # configs/test.py, a checkpoint every REFERENCE_EVERY steps, a console line every step.
 REFERENCE_STEPS, REFERENCE_EVERY = 24, 4
@@ -71,7 +60,7 @@ def reference_run(tmp_path_factory) -> tuple[Path, "Result"]:
   root = shared_dir(tmp_path_factory, "reference")
   data_dir, cache = session_data_dir(tmp_path_factory), shared_dir(tmp_path_factory, "jax_cache")
   wd, done = root / "wd", root / "result.json"
-  with file_lock(root / ".lock"):
+  with builtin_datasets.file_lock(root / ".lock"):
     if not done.exists():
       shutil.rmtree(wd, ignore_errors=True)
       r = run(command(wd, data_dir, f"training.num_steps={REFERENCE_STEPS}", *REFERENCE_OVERRIDES), env(cache))
