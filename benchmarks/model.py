@@ -18,6 +18,7 @@ much less than wall time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -49,6 +50,9 @@ def _parse():
   p.add_argument("--flags", default=None, help="XLA_FLAGS for this run")
   p.add_argument("--sweep", action="store_true", help="compare XLA option sets (interleaved, one process)")
   p.add_argument("--json", action="store_true", help="print one JSON line of results at the end")
+  p.add_argument("--cpu_devices", type=int, default=os.cpu_count() or 1,
+                 help="JAX CPU devices, batch sharded over them as jaxddpm's command line does (default: one "
+                      "per core; 1 = the whole batch on one device)")
   return p.parse_args()
 
 
@@ -67,6 +71,14 @@ def _best_time(fn, repeats, warmup=True):
     fn()
     wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
   return wall, cpu
+
+
+def _shardings(jax):
+  """(replicated, batch-sharded) over a 1-D "data" mesh of all devices, as jaxddpm trains and samples."""
+  from jaxddpm import parallel
+
+  mesh = parallel.data_mesh()
+  return parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
 
 def matmul_peak(jax, jnp, repeats):
@@ -102,12 +114,14 @@ def bench_cifar(jax, jnp, args, peak):
     return jax.value_and_grad(loss)(p)
 
   rows = []
+  rep, bat = _shardings(jax)
+  params = jax.device_put(params, rep)
   for batch in [int(b) for b in args.batches.split(",")]:
-    x = jax.random.normal(jax.random.key(2), (batch, H, W, C))
-    t = jax.random.randint(jax.random.key(3), (batch,), 0, 1000)
+    x = jax.device_put(jax.random.normal(jax.random.key(2), (batch, H, W, C)), bat)
+    t = jax.device_put(jax.random.randint(jax.random.key(3), (batch,), 0, 1000), bat)
     for name, fn in (("forward", fwd), ("fwd+bwd", fwd_bwd)):
       t0 = time.perf_counter()
-      compiled = jax.jit(fn).lower(params, x, t).compile()
+      compiled = jax.jit(fn, in_shardings=(rep, bat, bat)).lower(params, x, t).compile()
       t_compile = time.perf_counter() - t0
       flops = float(compiled.cost_analysis()["flops"])
       run = lambda: jax.block_until_ready(compiled(params, x, t))
@@ -136,14 +150,17 @@ def bench_small(jax, jnp, args, peak):
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, H, W, C)), jnp.zeros((1,), jnp.int32))
   n_params = count_params(params)
 
-  @jax.jit
+  rep, bat = _shardings(jax)
+
+  @functools.partial(jax.jit, in_shardings=(rep, bat), out_shardings=bat)
   def sample(p, x):
     def body(x, i):
       t = jnp.full((B,), steps - 1 - i, jnp.int32)
       return x - 0.01 * model.apply(p, x, t), None
     return jax.lax.scan(body, x, jnp.arange(steps))[0]
 
-  x = jax.random.normal(jax.random.key(4), (B, H, W, C))
+  params = jax.device_put(params, rep)
+  x = jax.device_put(jax.random.normal(jax.random.key(4), (B, H, W, C)), bat)
   t0 = time.perf_counter()
   compiled = sample.lower(params, x).compile()
   t_compile = time.perf_counter() - t0
@@ -205,6 +222,8 @@ def main():
   import jax
   import jax.numpy as jnp
 
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   if args.sweep:
     return sweep(jax, jnp, args)
 

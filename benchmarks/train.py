@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import tempfile
 import time
 
@@ -133,7 +134,12 @@ def main():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--input_steps", type=int, default=30)
   p.add_argument("--input_preset", default="mnist32")
+  p.add_argument("--cpu_devices", type=int, default=os.cpu_count() or 1,
+                 help="JAX CPU devices the batch is sharded over, as jaxddpm's command line does (default: one "
+                      "per core)")
   args = p.parse_args()
+  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
   print(f"jax {jax.__version__}, {jax.device_count()} {jax.default_backend()} device(s)", flush=True)
   results = []
   for preset in args.presets.split(","):

@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
                 # pairs / lambdas / the paper's t to encode to (None: T // 2)
                 figure_num_samples=16, figure_num_snapshots=10, interp_num_pairs=4, interp_num_lambdas=11,
                 interp_timestep=config_dict.placeholder(int))
+  # JAX devices the host CPU is split into when it is the platform: 0 = auto, one per core as far as
+  # training.batch_size and eval.batch_size divide (parallel.cpu_device_count); ignored when XLA_FLAGS sets
+  # --xla_force_host_platform_device_count
+  c.system = dict(cpu_devices=0)
   return c
 
 
@@ -160,6 +164,7 @@ def validate(config, image_shape=None) -> None:
             "eval.fid_num_samples"):
     _positive_int(config, f)
   _positive_int(config, "training.seed", zero_ok=True)
+  _positive_int(config, "system.cpu_devices", zero_ok=True)
   _positive_int(config, "optim.warmup_steps", zero_ok=True)
   _number(config, "optim.lr", 0.0, 1.0, lo_open=True)
   _number(config, "optim.grad_clip", 0.0, float("inf"))

@@ -29,6 +29,16 @@ _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100,
                                   "declared dead; the other processes then stop with an error.")
 
 
+def _cpu_devices(config) -> int:
+  """config.system.cpu_devices, or (0) one CPU device per core as far as the batch sizes divide."""
+  sizes, requested = (config.training.batch_size, config.eval.batch_size), config.system.cpu_devices
+  is_int = lambda v, lo: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+  if not (is_int(requested, 0) and all(is_int(b, 1) for b in sizes)):
+    return 1  # config.validate names the bad field before anything compiles
+  from jaxddpm import parallel  # noqa: PLC0415
+  return parallel.cpu_device_count(sizes, requested=requested)
+
+
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -39,6 +49,8 @@ def main(argv) -> int:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   from jaxddpm import parallel  # noqa: PLC0415  (import jax only after flags are parsed)
+  config = _CONFIG.value
+  parallel.use_cpu_devices(_cpu_devices(config))
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                     heartbeat_timeout_s=_HEARTBEAT.value)
@@ -47,7 +59,6 @@ def main(argv) -> int:
   import jax  # noqa: PLC0415
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
-  config = _CONFIG.value
   try:
     if _MODE.value == "train":
       from jaxddpm import train  # noqa: PLC0415

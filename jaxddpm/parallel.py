@@ -73,6 +73,30 @@ def barrier(name: str, timeout_s: int = 600) -> None:
   ocp.multihost.get_barrier_sync_fn()(key=f"{name}_{n}", timeout_ms=timeout_s * 1000)
 
 
+def cpu_device_count(batch_sizes, cores: int | None = None, requested: int = 0) -> int:
+  """How many CPU devices to split the host into: `requested` if > 0, else the largest d <= cores that
+  divides every global batch size (at least 1).
+
+  XLA:CPU runs the small convolutions of a small UNet on one core; with one CPU device per core the
+  data-parallel mesh spreads each batch over all cores (100 small32 sampling steps at batch 16 on 2 cores:
+  10.9 s on one device, 5.7 s on two; benchmarks/README.md). Large networks neither gain nor lose.
+  """
+  if requested:
+    return int(requested)
+  cores = (os.cpu_count() or 1) if cores is None else cores
+  return max(d for d in range(1, max(cores, 1) + 1) if all(b % d == 0 for b in batch_sizes))
+
+
+def use_cpu_devices(n: int) -> bool:
+  """Splits the host CPU into n JAX devices (`jax_num_cpu_devices`), unless XLA_FLAGS already sets
+  --xla_force_host_platform_device_count (the user's or a test's choice). Must run before JAX starts its
+  backends; harmless on GPU/TPU hosts, whose default devices are the accelerators. Returns True if set."""
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return False
+  jax.config.update("jax_num_cpu_devices", int(n))
+  return True
+
+
 def data_mesh(devices=None) -> Mesh:
   """A 1-D mesh named "data" over all global devices (or the given ones)."""
   devices = jax.devices() if devices is None else list(devices)

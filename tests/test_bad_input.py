@@ -101,6 +101,7 @@ CASES = [
     ("ema_decay_above_one", _set(optim__ema_decay=1.5), "config.optim.ema_decay"),
     ("negative_grad_clip", _set(optim__grad_clip=-1.0), "config.optim.grad_clip"),
     ("zero_image_size", _set(data__image_size=0), "config.data.image_size"),
+    ("negative_cpu_devices", _set(system__cpu_devices=-1), "config.system.cpu_devices"),
 ]
 
 

@@ -56,13 +56,44 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return emb
 
 
-def _group_norm(num_groups: int, name: str, param_dtype: Dtype) -> nn.GroupNorm:
-  """GroupNorm (Wu & He 2018) computed and returned in float32, eps 1e-6 as in the TF original.
+class GroupNorm(nn.Module):
+  """Group normalisation (Wu & He 2018) in float32, eps 1e-6 as in the TF original:
 
-    y = (x - mu_g) / sqrt(sigma_g^2 + eps) * scale + bias, statistics over H, W and the C/G channels of g.
+    y = (x - mu_g) / sqrt(sigma_g^2 + eps) * gamma + beta,
+  mu_g, sigma_g^2 the mean and variance over H, W and the C/G channels of group g. Both come from one pass
+  of per-channel sums of (x - k_g) and (x - k_g)^2, with k_g a value of the group (the mean of its channels
+  at the first pixel) so that sigma_g^2 = E[(x - k_g)^2] - E[x - k_g]^2 does not cancel catastrophically when
+  |mu_g| >> sigma_g. The per-(sample, channel) affine map y = x a + b is then one fused pass: XLA:CPU runs
+  this about twice as fast as a reshape into groups. Parameters "scale" and "bias" [C], as flax's GroupNorm.
+
+  x [B, H, W, C] -> [B, H, W, C] float32.
   """
-  return nn.GroupNorm(num_groups=num_groups, epsilon=1e-6, dtype=jnp.float32, param_dtype=param_dtype,
-                      name=name)
+  num_groups: int
+  epsilon: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    B, H, W, C = x.shape
+    G, per = self.num_groups, C // self.num_groups
+    gamma = self.param("scale", nn.initializers.ones, (C,), self.param_dtype).astype(jnp.float32)
+    beta = self.param("bias", nn.initializers.zeros, (C,), self.param_dtype).astype(jnp.float32)
+    x = x.astype(jnp.float32)
+    group = lambda v: v.reshape(B, G, per).mean(-1)                                 # [B, C] -> [B, G]
+    ungroup = lambda v: jnp.repeat(v, per, axis=-1)                                 # [B, G] -> [B, C]
+    k = jax.lax.stop_gradient(ungroup(group(x[:, 0, 0, :])))[:, None, None, :]      # [B, 1, 1, C]
+    d = x - k
+    m1 = group(jnp.mean(d, axis=(1, 2)))                                            # E[x - k], [B, G]
+    m2 = group(jnp.mean(jnp.square(d), axis=(1, 2)))                               # E[(x - k)^2]
+    inv = jax.lax.rsqrt(jnp.maximum(m2 - jnp.square(m1), 0.0) + self.epsilon)
+    a = ungroup(inv) * gamma                                                        # [B, C]
+    b = beta - ungroup(m1) * a
+    return d * a[:, None, None, :] + b[:, None, None, :]
+
+
+def _group_norm(num_groups: int, name: str, param_dtype: Dtype) -> GroupNorm:
+  """The UNet's GroupNorm (float32 statistics and output, eps 1e-6)."""
+  return GroupNorm(num_groups=num_groups, epsilon=1e-6, param_dtype=param_dtype, name=name)
 
 
 def _conv(features: int, name: str, dtype: Dtype, param_dtype: Dtype, *, kernel=3, stride=1,
