@@ -28,7 +28,7 @@ def _env_without_device_flag(tmp_path):
   return e
 
 
-@pytest.mark.parametrize("requested", [0, 3])
+@pytest.mark.parametrize("requested", [0, 4])
 def test_command_line_splits_the_cpu(requested, tmp_path):
   """`python -m jaxddpm` with no device-count flag in XLA_FLAGS: system.cpu_devices devices, or with 0
   one per core as far as training.batch_size (16 in configs/test.py) and eval.batch_size (64) divide."""
