@@ -104,14 +104,20 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer: optax.Gradie
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  d = ema_decay(state.step, ema, ema_warmup)
-  new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, new_params)
-  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+  def update(_):
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    d = ema_decay(state.step, ema, ema_warmup)
+    new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, new_params)
+    return new_params, new_ema, new_opt_state
+
+  # A branch, not a select: jnp.where(finite, new, old) over every leaf reads and writes the whole state
+  # once more (on CPU it more than doubled the cost of the update; benchmarks/README.md).
+  params, ema_params, opt_state = jax.lax.cond(
+      finite, update, lambda _: (state.params, state.ema_params, state.opt_state), None)
   new_state = state.replace(
-      step=state.step + 1, params=keep(new_params, state.params), ema_params=keep(new_ema, state.ema_params),
-      opt_state=keep(new_opt_state, state.opt_state),
+      step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
       nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1))
   T = schedule.num_timesteps
