@@ -4,8 +4,10 @@ For each preset and batch size, in one run:
 - images/s of the full jitted train step (t and noise sampling, L_simple, Adam with clipping and warm-up,
   EMA update, metrics, non-finite guard), state donated, batch sharded over the device mesh;
 - the time of the model's forward+backward alone (the gradient of a plain MSE of the network output,
-  same batch, same dropout) and the ratio full step / forward+backward (target <= 1.10: the diffusion
-  math, the optimizer and the EMA should be nearly free);
+  same batch, same dropout), timed in rounds that alternate with the full step so that a busy moment on
+  a shared machine hits both, and the ratio full step / forward+backward, as the ratio of the best times
+  and as the median of the per-round ratios (target <= 1.10: the diffusion math, the optimizer and the
+  EMA should be nearly free);
 - the fraction of the training loop's time spent waiting for input from the real grain pipeline
   (target < 2%), on the built-in mnist5k (32x32x1) for the small preset and on tfds-mock CIFAR-10 for
   the CIFAR-10 preset.
@@ -32,14 +34,17 @@ from jaxddpm.models.unet import UNet
 REF_TORCH_IMAGES_PER_S = {8: 2.7, 32: 3.0}
 
 
-def _best(fn, repeats):
-  fn()
-  best = float("inf")
+def _best_interleaved(a, b, repeats):
+  """Times a and b in alternating rounds (so a busy moment on a shared machine hits both): best time of
+  each, and the median over rounds of time(a) / time(b)."""
+  a(), b()
+  ta, tb = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
+    for fn, ts in ((a, ta), (b, tb)):
+      t0 = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t0)
+  return min(ta), min(tb), float(np.median(np.asarray(ta) / np.asarray(tb)))
 
 
 def bench_step(preset: str, batch: int, repeats: int, dtype: str) -> dict:
@@ -67,8 +72,6 @@ def bench_step(preset: str, batch: int, repeats: int, dtype: str) -> dict:
     holder[0], metrics = p_step(holder[0], b)
     jax.block_until_ready(metrics)
 
-  t_full = _best(full, repeats)
-
   # Forward+backward alone: gradient of a plain MSE of the network output, same shapes and dropout.
   def fwd_bwd(params, xb, key):
     def loss(p):
@@ -78,12 +81,13 @@ def bench_step(preset: str, batch: int, repeats: int, dtype: str) -> dict:
     return jax.grad(loss)(params)
 
   g = jax.jit(fwd_bwd, in_shardings=(rep, parallel.batch_sharded(mesh), rep))
-  params = holder[0].params
+  params = jax.tree.map(jnp.copy, holder[0].params)
   key = jax.random.PRNGKey(1)
-  t_fb = _best(lambda: jax.block_until_ready(g(params, b["image"], key)), repeats)
+  t_full, t_fb, ratio = _best_interleaved(full, lambda: jax.block_until_ready(g(params, b["image"], key)), repeats)
   return {"preset": preset, "batch": batch, "dtype": dtype, "compile_s": round(compile_s, 2),
           "step_s": round(t_full, 4), "images_per_s": round(batch / t_full, 2),
           "fwd_bwd_s": round(t_fb, 4), "step_over_fwd_bwd": round(t_full / t_fb, 3),
+          "median_round_ratio": round(ratio, 3),
           "torch_ref_images_per_s": REF_TORCH_IMAGES_PER_S.get(batch) if preset == "cifar10" else None}
 
 

@@ -72,6 +72,33 @@ def test_optimizer_matches_numpy_clip_then_adam():
     np.testing.assert_allclose(np.asarray(p[k]), ref[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("g,max_norm", [([3.0, 4.0], 1.0), ([0.3, 0.4], 1.0), ([3.0, 4.0], 5.0)])
+def test_clip_by_global_norm_matches_formula(g, max_norm):
+  """g if ||g|| < c else g * c / ||g||, with ||g|| over all leaves; a given grad_norm is the one used."""
+  tree = {"a": jnp.array([g[0]]), "b": {"c": jnp.array([[g[1]]])}}
+  clip = training.clip_by_global_norm(max_norm)
+  norm = float(np.sqrt(np.sum(np.square(np.asarray(g, np.float64)))))
+  out, _ = clip.update(tree, clip.init(tree))
+  scale = 1.0 if norm < max_norm else max_norm / norm
+  np.testing.assert_allclose([float(out["a"][0]), float(out["b"]["c"][0, 0])], np.asarray(g) * scale, rtol=1e-6)
+  out, _ = clip.update(tree, clip.init(tree), grad_norm=jnp.float32(10.0))
+  scale = 1.0 if 10.0 < max_norm else max_norm / 10.0
+  np.testing.assert_allclose([float(out["a"][0]), float(out["b"]["c"][0, 0])], np.asarray(g) * scale, rtol=1e-6)
+
+
+def test_train_step_accepts_a_plain_optax_optimizer():
+  """Any optax optimizer works: one SGD step moves the params by -lr * grad of the same loss."""
+  model, sched, _, state, _ = _setup()
+  sgd = optax.sgd(0.5)
+  state = state.replace(opt_state=sgd.init(state.params))
+  step = functools.partial(training.train_step, model=model, optimizer=sgd, schedule=sched, mean_type="eps",
+                           var_type="fixed_large", loss_type="mse", ema=0.99)
+  new, metrics = jax.jit(step)(state, _batch())
+  norm = np.sqrt(sum(np.sum(np.square(np.asarray(a, np.float64) - np.asarray(b)))
+                     for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))))
+  np.testing.assert_allclose(norm, 0.5 * float(metrics["grad_norm"]), rtol=1e-4)
+
+
 @functools.cache
 def _jitted_step():
   return jax.jit(_setup()[-1])
