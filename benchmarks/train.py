@@ -4,10 +4,10 @@ For each preset and batch size, in one run:
 - images/s of the full jitted train step (t and noise sampling, L_simple, Adam with clipping and warm-up,
   EMA update, metrics, non-finite guard), state donated, batch sharded over the device mesh;
 - the time of the model's forward+backward alone (the gradient of a plain MSE of the network output,
-  same batch, same dropout), timed in rounds that alternate with the full step so that a busy moment on
-  a shared machine hits both, and the ratio full step / forward+backward, as the ratio of the best times
-  and as the median of the per-round ratios (target <= 1.10: the diffusion math, the optimizer and the
-  EMA should be nearly free);
+  same batch, same dropout), timed in alternating blocks (each block re-warms its program, then 2 timed
+  calls) so that a busy moment on a shared machine hits both, and the ratio full step / forward+backward,
+  as the ratio of the best times and as the median of the per-round ratios (target <= 1.10: the diffusion
+  math, the optimizer and the EMA should be nearly free);
 - the fraction of the training loop's time spent waiting for input from the real grain pipeline
   (target < 2%), on the built-in mnist5k (32x32x1) for the small preset and on tfds-mock CIFAR-10 for
   the CIFAR-10 preset.
@@ -34,16 +34,21 @@ from jaxddpm.models.unet import UNet
 REF_TORCH_IMAGES_PER_S = {8: 2.7, 32: 3.0}
 
 
-def _best_interleaved(a, b, repeats):
-  """Times a and b in alternating rounds (so a busy moment on a shared machine hits both): best time of
-  each, and the median over rounds of time(a) / time(b)."""
-  a(), b()
+def _best_in_alternating_blocks(a, b, rounds, block=2):
+  """Times a and b in alternating blocks: each block runs its function once untimed (back in its steady
+  state, as in a training loop that runs only that program) and then `block` timed calls. Alternating
+  spreads a busy moment of a shared machine over both. Returns the best time of each and the median over
+  rounds of best(a in the round) / best(b in the round)."""
   ta, tb = [], []
-  for _ in range(repeats):
+  for _ in range(rounds):
     for fn, ts in ((a, ta), (b, tb)):
-      t0 = time.perf_counter()
       fn()
-      ts.append(time.perf_counter() - t0)
+      times = []
+      for _ in range(block):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+      ts.append(min(times))
   return min(ta), min(tb), float(np.median(np.asarray(ta) / np.asarray(tb)))
 
 
@@ -83,7 +88,8 @@ def bench_step(preset: str, batch: int, repeats: int, dtype: str) -> dict:
   g = jax.jit(fwd_bwd, in_shardings=(rep, parallel.batch_sharded(mesh), rep))
   params = jax.tree.map(jnp.copy, holder[0].params)
   key = jax.random.PRNGKey(1)
-  t_full, t_fb, ratio = _best_interleaved(full, lambda: jax.block_until_ready(g(params, b["image"], key)), repeats)
+  t_full, t_fb, ratio = _best_in_alternating_blocks(
+      full, lambda: jax.block_until_ready(g(params, b["image"], key)), repeats)
   return {"preset": preset, "batch": batch, "dtype": dtype, "compile_s": round(compile_s, 2),
           "step_s": round(t_full, 4), "images_per_s": round(batch / t_full, 2),
           "fwd_bwd_s": round(t_fb, 4), "step_over_fwd_bwd": round(t_full / t_fb, 3),
@@ -134,7 +140,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--presets", default="small32,cifar10")
   p.add_argument("--batches", default="8,32")
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=3, help="rounds of alternating blocks")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--input_steps", type=int, default=30)
   p.add_argument("--input_preset", default="mnist32")

@@ -49,7 +49,7 @@ def global_norm(tree) -> jnp.ndarray:
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
-  """g <- g if ||g|| < max_norm else g / ||g|| * max_norm (Pascanu et al. 2013; optax's rule).
+  """g <- g * min(1, max_norm / ||g||), i.e. g if ||g|| < max_norm (Pascanu et al. 2013; optax's rule).
 
   `update(g, state, params, grad_norm=n)` reuses a norm the caller already has: the train step computes
   it for its metrics and non-finite guard, and inside the guard's branch XLA cannot share it (a second
@@ -58,8 +58,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
   def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
     del params, extra_args
     n = global_norm(updates) if grad_norm is None else grad_norm
-    keep = n < max_norm
-    return jax.tree.map(lambda g: jnp.where(keep, g, (g / n.astype(g.dtype)) * max_norm), updates), state
+    # One scalar factor: XLA fuses g * scale into each consumer; a per-element g / ||g|| is materialised.
+    scale = jnp.where(n < max_norm, 1.0, max_norm / n)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
 
   return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
 
