@@ -1,4 +1,7 @@
-"""Image datasets as tfds data sources read through grain: per-process shards, shuffling, flips, batches.
+"""Image datasets as tfds data sources: per-process shards, shuffling, flips, batches.
+
+Training batches are made one numpy operation per batch (`jaxddpm.batching`); the one-pass evaluation
+iterator reads through grain.
 
 Conventions (DESIGN.md): data enter as uint8 HWC and leave as float32 NHWC in [-1, 1],
 x = x_uint8 / 127.5 - 1. Every process reads a disjoint, contiguous part of the split (an even split:
@@ -11,6 +14,7 @@ Datasets (`DATASETS`): tfds datasets the user prepares in array_record format (`
 --file_format=array_record --data_dir=...`; TensorFlow is not needed to read them) and the built-in
 `digits` and `mnist5k` (see `builtin_datasets`), written to `data_dir` on first use.
 """
+import functools
 import math
 import os
 from typing import Any, NamedTuple
@@ -20,7 +24,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from jaxddpm import builtin_datasets
+from jaxddpm import batching, builtin_datasets
 
 
 class DatasetSpec(NamedTuple):
@@ -177,16 +181,9 @@ def _example_fn(spec: DatasetSpec, image_size: int | None, start: int, stop: int
   return fn
 
 
-def _flip(example: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Horizontal flip x[:, ::-1, :] with probability 1/2, drawn from the example's own generator."""
-  if rng.random() < 0.5:
-    example = dict(example, image=np.ascontiguousarray(example["image"][:, ::-1]))
-  return example
-
-
 def _to_float(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """uint8 -> float32 in [-1, 1]: x / 127.5 - 1."""
-  return dict(batch, image=batch["image"].astype(np.float32) / np.float32(127.5) - np.float32(1.0))
+  return dict(batch, image=batching.TO_FLOAT[batch["image"]])
 
 
 def _process_seeds(seed: int, process_index: int) -> tuple[int, int]:
@@ -195,21 +192,55 @@ def _process_seeds(seed: int, process_index: int) -> tuple[int, int]:
   return int(shuffle_seed), int(flip_seed)
 
 
+# A shard of at most this many bytes (uint8, after resizing) is read into memory once; larger ones
+# (CelebA-HQ 256: 5.9 GB, LSUN) are read per batch from the random-access tfds source.
+IN_MEMORY_BYTES = 4 << 30
+
+
+def _record_reader(src, spec: DatasetSpec, image_size: int | None, start: int, pool):
+  """read(shard indices [k]) -> (uint8 images [k, H, W, C], int32 labels [k]), records read in one call
+  (`__getitems__`) or, with a thread pool, in `pool`'s threads (decoding and resizing in parallel)."""
+  def one(record):
+    image = np.asarray(record["image"], np.uint8)
+    if image.ndim == 2:
+      image = image[..., None]
+    if image_size is not None:
+      image = resize_image(image, image_size, spec.upscale)
+    return image, (record[spec.label_key] if spec.label_key else 0)
+
+  def read(idx):
+    keys = [start + int(i) for i in idx]
+    if pool is None:
+      try:
+        records = src.__getitems__(keys)
+      except (AttributeError, TypeError):  # no batched read (tfds.testing.mock_data's source)
+        records = [src[k] for k in keys]
+      pairs = [one(r) for r in records]
+    else:
+      pairs = list(pool.map(lambda k: one(src[k]), keys))
+    images = np.stack([p[0] for p in pairs]) if pairs else np.zeros((0,), np.uint8)
+    return images, np.asarray([p[1] for p in pairs], np.int32)
+  return read
+
+
 def make_train_iterator(dataset: str, *, split: str = "train", data_dir: str | None = None,
                         global_batch_size: int, process_index: int = 0, process_count: int = 1,
                         seed: int = 0, random_flip: bool = False, image_size: int | None = None,
-                        num_threads: int = 4, prefetch_batches: int = 4) -> grain.DatasetIterator:
-  """Endless iterator of this process's training batches, checkpointable.
+                        num_threads: int = 4, prefetch_batches: int = 4) -> batching.TrainIterator:
+  """Endless iterator of this process's training batches, checkpointable (`jaxddpm.batching`).
 
-  Pipeline (grain MapDataset): this process's shard of the split -> shuffle(seed) -> repeat forever,
-  reshuffled every epoch -> optional flip, seeded by (seed, process, position in the stream) ->
-  batches of global_batch_size // process_count (drop remainder; batches may span an epoch boundary)
-  -> x / 127.5 - 1 -> `num_threads` threads preparing up to `prefetch_batches` batches ahead.
+  This process's shard of the split, in a fresh permutation every epoch (seeded by (seed, process,
+  epoch)), optional horizontal flips x[:, ::-1] with per-example random bits of (seed, process,
+  position), batches of global_batch_size // process_count (batches may span an epoch boundary),
+  x / 127.5 - 1. The shard is read into memory as uint8 once (in the background, while the caller
+  compiles) when it fits `IN_MEMORY_BYTES`, else each batch's records are read from the tfds source.
+  num_threads = 0: batches are made in `next()`; >= 1: a background thread keeps `prefetch_batches`
+  batches ready, and `num_threads` threads read records when they are read per batch.
 
   Yields {'image': float32 [b, H, W, C] in [-1, 1], 'label': int32 [b], 'index': int32 [b] (position
   of each example in the split)}, b = global_batch_size // process_count.
-  `it.get_state()` is a JSON-serialisable dict; `it.set_state(state)` on an iterator made with the
-  same arguments continues bitwise identically to the uninterrupted sequence.
+  `it.get_state()` is a JSON-serialisable dict (the examples consumed); `it.set_state(state)` on an
+  iterator made with the same arguments continues bitwise identically to the uninterrupted sequence.
   """
   validate_data_config(dataset, split=split, global_batch_size=global_batch_size,
                        process_index=process_index, process_count=process_count,
@@ -222,13 +253,15 @@ def make_train_iterator(dataset: str, *, split: str = "train", data_dir: str | N
   if stop == start:
     raise ValueError(f"process_count={process_count} exceeds the {len(src)} examples of {dataset}/{split}")
   shuffle_seed, flip_seed = _process_seeds(seed, process_index)
-  ds = grain.MapDataset.source(src)[start:stop].map_with_index(_example_fn(spec, image_size, start, stop))
-  ds = ds.shuffle(seed=shuffle_seed).repeat(None)
-  if random_flip:
-    ds = ds.random_map(_flip, seed=flip_seed)
-  ds = ds.batch(global_batch_size // process_count, drop_remainder=True).map(_to_float)
-  read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
-  return iter(ds.to_iter_dataset(read))
+  h, w, c = spec.image_shape if image_size is None else (image_size, image_size, spec.image_shape[2])
+  in_memory = h is not None and (stop - start) * h * w * c <= IN_MEMORY_BYTES
+  reader = _record_reader(src, spec, image_size, start, None if in_memory else batching.thread_pool(num_threads))
+  examples = batching.Examples(stop - start, reader, in_memory)
+  produce = functools.partial(batching.make_batch, examples, size=global_batch_size // process_count,
+                              offset=start, shuffle_seed=shuffle_seed,
+                              flip_seed=flip_seed if random_flip else None, perms={})
+  return batching.TrainIterator(produce, global_batch_size // process_count, num_threads=num_threads,
+                                prefetch=prefetch_batches)
 
 
 def num_eval_batches(num_examples: int, global_batch_size: int, process_count: int = 1) -> int:
