@@ -100,14 +100,69 @@ def init_train_state(key, model, optimizer: optax.GradientTransformation, image_
                     rng=state_key, nonfinite_streak=zero(), nonfinite_total=zero())
 
 
+def all_finite(*trees) -> jnp.ndarray:
+  """True iff every floating-point element of the trees is finite: sum(x * 0) == 0 over all leaves
+  (x * 0 is 0 for finite x and NaN for +-inf or NaN; an add-reduction, fused into the pass that makes x)."""
+  leaves = [x for t in trees for x in jax.tree.leaves(t) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return sum(jnp.sum(x * jnp.zeros((), x.dtype), dtype=jnp.float32) for x in leaves) == 0
+
+
+def _candidate(state, grads, grad_norm, opt):
+  """(new params, new optimizer state) of the optimizer's update, unguarded."""
+  updates, new_opt_state = opt.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
+  return optax.apply_updates(state.params, updates), new_opt_state
+
+
+def _ema(ema_params, params, d):
+  """e <- d e + (1 - d) p."""
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema_params, params)
+
+
+def guard_select(state, grads, grad_norm, finite, opt, d):
+  """The update computed, judged (its result all finite) and kept or dropped by an elementwise select
+  with a scalar predicate, which XLA fuses into the update's own passes: no conditional, so no host
+  round-trip on backends whose conditionals read the predicate on the host. Returns (ok, (params,
+  ema_params, opt_state))."""
+  params, opt_state = _candidate(state, grads, grad_norm, opt)
+  ok = finite & all_finite(params, opt_state)
+  keep = lambda new, old: jnp.where(ok, new, old)
+  params, opt_state = jax.tree.map(keep, params, state.params), jax.tree.map(keep, opt_state, state.opt_state)
+  return ok, (params, jax.tree.map(keep, _ema(state.ema_params, params, d), state.ema_params), opt_state)
+
+
+def guard_branch(state, grads, grad_norm, finite, opt, d):
+  """The update's result judged by a read-only pass (the candidate is reduced, not stored), then
+  `lax.cond(ok, update, keep)`: the update's passes run once, or not at all. On XLA:CPU a select over
+  every leaf is not fused into the update and costs several more passes over the state."""
+  ok = finite & all_finite(*_candidate(state, grads, grad_norm, opt))
+
+  def update(_):
+    params, opt_state = _candidate(state, grads, grad_norm, opt)
+    return params, _ema(state.ema_params, params, d), opt_state
+
+  return ok, jax.lax.cond(ok, update, lambda _: (state.params, state.ema_params, state.opt_state), None)
+
+
+def guard_auto(state, grads, grad_norm, finite, opt, d):
+  """`guard_branch` when compiled for CPU, `guard_select` for GPU and TPU (decided at lowering)."""
+  with_opt = lambda guard: lambda *a: guard(*a[:4], opt, a[4])
+  return jax.lax.platform_dependent(state, grads, grad_norm, finite, d, cpu=with_opt(guard_branch),
+                                    default=with_opt(guard_select))
+
+
+# How the non-finite guard is compiled; every choice skips exactly the same steps.
+GUARDS = {"auto": guard_auto, "select": guard_select, "branch": guard_branch}
+
+
 def train_step(state: TrainState, batch: dict, *, model, optimizer: optax.GradientTransformation,
                schedule: Schedule, mean_type: str, var_type: str, loss_type: str, weighting: str = "none",
                t_sampling: str = "uniform", min_snr_gamma: float = 5.0, p2_gamma: float = 1.0,
                p2_k: float = 1.0, ema: float = 0.9999, ema_warmup: bool = True,
-               learning_rate: Callable | None = None):
+               learning_rate: Callable | None = None, guard: str = "auto"):
   """One update: t ~ U{0..T-1}, eps ~ N(0, I), loss = mean_b training_losses(x_0, t, eps), Adam step,
-  EMA update. A non-finite loss or gradient norm skips the update (params, optimizer state and EMA keep
-  their values) and is counted.
+  EMA update. A step whose loss, gradient norm, new parameters or new optimizer state is not finite is
+  skipped (params, optimizer state and EMA keep their values) and counted; `guard` (GUARDS) only says
+  how the skip is compiled.
 
   batch: {"image": float32 [B, H, W, C] in [-1, 1]}. Returns (new state, metrics dict of scalars).
   The random numbers depend only on (state.rng, state.step), never on the device layout.
@@ -128,21 +183,11 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer: optax.Gradie
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   opt = optax.with_extra_args_support(optimizer)  # a plain optax optimizer ignores grad_norm=
-
-  def update(_):
-    updates, new_opt_state = opt.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
-    new_params = optax.apply_updates(state.params, updates)
-    d = ema_decay(state.step, ema, ema_warmup)
-    new_ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, new_params)
-    return new_params, new_ema, new_opt_state
-
-  # A branch, not a select: jnp.where(finite, new, old) over every leaf reads and writes the whole state
-  # once more (on CPU it more than doubled the cost of the update; benchmarks/README.md).
-  params, ema_params, opt_state = jax.lax.cond(
-      finite, update, lambda _: (state.params, state.ema_params, state.opt_state), None)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  d = ema_decay(state.step, ema, ema_warmup)
+  finite, (params, ema_params, opt_state) = GUARDS[guard](state, grads, grad_norm, finite, opt, d)
   new_state = state.replace(
       step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),

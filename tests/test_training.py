@@ -186,3 +186,59 @@ def test_state_is_jittable_pytree_and_eval_shape_gives_abstract_state():
   assert jax.tree.structure(abstract) == jax.tree.structure(real)
   for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
     assert a.shape == r.shape and a.dtype == r.dtype
+
+
+class ZeroOutNet(nn.Module):
+  """TinyNet with DDPM's zero-initialised output convolution: at step 0 every gradient upstream of it is
+  exactly 0, so Adam with eps = 0 (1e-50 in float32) computes 0 / 0 for those parameters."""
+
+  @nn.compact
+  def __call__(self, x, t, *, train=False):
+    h = nn.Conv(8, (3, 3))(x) + nn.Dense(8)(jnp.sin(t[:, None] / 10.0 * jnp.arange(1, 5)))[:, None, None]
+    return nn.Conv(1, (3, 3), kernel_init=nn.initializers.zeros)(nn.swish(h))
+
+
+def _fast_jit(fn, *args):
+  from runner import FAST_COMPILE  # noqa: PLC0415
+  return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
+
+
+@pytest.mark.parametrize("guard", ["select", "branch"])  # "auto" is "branch" on CPU
+def test_guard_skips_an_update_whose_result_is_not_finite(guard):
+  """optim.eps = 1e-50 (0 in float32): the loss and gradient norm are finite, but unguarded Adam makes
+  some parameters 0/0 = NaN. The step is skipped and counted; params, optimizer state and EMA keep their
+  values bit for bit, nothing non-finite reaches them, and every guard decides the same."""
+  model, sched = ZeroOutNet(), make_schedule("linear", 50)
+  opt = training.make_optimizer(lr=1e-3, warmup_steps=0, grad_clip=1.0, eps=1e-50)
+  state = training.init_train_state(jax.random.PRNGKey(0), model, opt, (8, 8, 1))
+  step = _fast_jit(functools.partial(training.train_step, model=model, optimizer=opt, schedule=sched,
+                                     mean_type="eps", var_type="fixed_large", loss_type="mse", ema=0.9,
+                                     guard=guard), state, _batch())
+  # The reference, unguarded: the same Adam update gives NaN parameters (so the guard has work to do).
+  out = lambda p: model.apply({"params": p}, _batch()["image"], jnp.zeros(16, jnp.int32))
+  grads = jax.grad(lambda p: jnp.sum((out(p) - 1.0) ** 2))(state.params)
+  updates, _ = opt.update(grads, state.opt_state, state.params)
+  assert not all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+  new, metrics = step(state, _batch())
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert float(metrics["finite"]) == 0.0 and int(new.nonfinite_streak) == 1 and int(new.step) == 1
+  before = jax.tree.leaves((state.params, state.ema_params, state.opt_state))
+  after = jax.tree.leaves((new.params, new.ema_params, new.opt_state))
+  for a, b in zip(before, after):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+  new, _ = step(new, _batch(seed=2))
+  assert int(new.nonfinite_streak) == 2
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves((new.params, new.ema_params, new.opt_state)))
+
+
+def test_select_and_branch_guards_compute_the_same_update():
+  """A finite step: the select guard (GPU/TPU) and the branch guard (CPU) give the same new state."""
+  model, sched, opt, state, _ = _setup()
+  out = {"branch": _jitted_step()(state, _batch())[0]}  # the default guard on CPU
+  step = functools.partial(training.train_step, model=model, optimizer=opt, schedule=sched, mean_type="eps",
+                           var_type="fixed_large", loss_type="mse", ema=0.99,
+                           learning_rate=training.learning_rate_schedule(1e-3, 3), guard="select")
+  out["select"], metrics = _fast_jit(step, state, _batch())(state, _batch())
+  assert float(metrics["finite"]) == 1.0
+  for a, b in zip(jax.tree.leaves(out["select"]), jax.tree.leaves(out["branch"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
