@@ -5,6 +5,7 @@ the batch sharded along its first axis. Each process feeds its own slice of the 
 """
 from __future__ import annotations
 
+import collections
 import os
 
 import jax
@@ -128,6 +129,25 @@ def global_batch(local_batch, mesh: Mesh):
   """
   sharding = batch_sharded(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def prefetch_to_devices(iterator, mesh: Mesh, size: int = 2, keys=("image",)):
+  """Yields (global batch on the devices, the iterator's state just after that batch was drawn), with
+  `size` batches already put on the devices: the transfer of the next batches overlaps the current
+  step, and the step never waits for a host-to-device copy.
+
+  iterator: yields dicts of process-local numpy arrays [B_local, ...] and has `get_state()` (a
+  checkpoint must hold the state of the batches consumed, not of those prefetched); only `keys` travel.
+  Each batch is `global_batch` of the local batches of every process, sharded over the mesh's "data" axis.
+  """
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise ValueError(f"size={size!r} must be an integer >= 1")
+  queue = collections.deque()
+  while True:
+    while len(queue) < size:
+      local = next(iterator)
+      queue.append((global_batch({k: local[k] for k in keys}, mesh), iterator.get_state()))
+    yield queue.popleft()
 
 
 def replicated_to_host(tree):

@@ -88,22 +88,25 @@ def run(config, workdir: str) -> None:
   progress = logger.Progress(tc.num_steps, step)
   preemption = Preemption()
   acc, t_input, t_last = [], 0.0, time.time()
+  # The next batches go to the devices while the current step runs; data_state is the iterator's state
+  # after the last batch a step consumed (the prefetched ones are read again after a resume).
+  batches, data_state = parallel.prefetch_to_devices(it, mesh, size=2), it.get_state()
 
   def save(step, force=False):
     # The iterator state is a position in this process's stream, the same on every process (they all
     # consume one local batch per step), so the copy orbax writes from process 0 serves them all.
-    checkpoint.save(manager, step, state, {"iterator": it.get_state()}, meta, force=force)
+    checkpoint.save(manager, step, state, {"iterator": data_state}, meta, force=force)
 
   try:
     while step < tc.num_steps:
       t0 = time.time()
-      batch = parallel.global_batch({"image": next(it)["image"]}, mesh)
+      batch, data_state = next(batches)
       t_input += time.time() - t0
       state, metrics = p_step(state, batch)
       step += 1
       acc.append(metrics)
       if step % tc.log_every == 0 or step == tc.num_steps:
-        m = jax.tree.map(lambda *xs: float(np.mean([float(x) for x in xs])), *acc)
+        m = jax.tree.map(lambda *xs: float(np.mean(xs)), *jax.device_get(acc))  # one transfer per log step
         streak = int(parallel.replicated_to_host(state.nonfinite_streak))
         now = time.time()
         m["input_wait_fraction"] = t_input / max(now - t_last, 1e-9)
