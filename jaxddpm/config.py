@@ -14,15 +14,22 @@ from ml_collections import config_dict
 from jaxddpm import diffusion, losses, schedule
 from jaxddpm.models import presets
 
+MAX_INPUT_THREADS_AND_BATCHES = 64  # host threads reading records / batches prepared ahead
 SAMPLE_METHODS = ("ancestral", "ddim")
-DTYPES = ("float32", "bfloat16")
+# config.model.dtype -> the network's compute dtype; "auto" is decided by the backend (resolve_dtype)
+DTYPES = ("auto", "float32", "bfloat16")
+AUTO_DTYPE = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16", "cpu": "float32"}
 
 
 def base_config() -> ml_collections.ConfigDict:
   """DDPM's CIFAR-10 recipe as defaults; `configs/*.py` change what their dataset needs."""
   c = ml_collections.ConfigDict()
   c.data = dict(name="cifar10", data_dir=config_dict.placeholder(str), split="train", eval_split="test",
-                image_size=32, random_flip=True, prefetch_batches=4, num_threads=2)
+                image_size=32, random_flip=True,
+                # batches the input thread prepares ahead (>= 1); threads that read records of datasets
+                # too large for memory (0: batches are made in the training loop's thread)
+                prefetch_batches=4, num_threads=2)
+  # dtype: the network's compute dtype, "float32", "bfloat16" or "auto" (bfloat16 on GPU/TPU, float32 on CPU)
   c.model = dict(preset="cifar10", dtype="float32", remat=False,
                  ch=config_dict.placeholder(int), ch_mult=config_dict.placeholder(tuple),
                  num_res_blocks=config_dict.placeholder(int), attn_resolutions=config_dict.placeholder(tuple),
@@ -66,10 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 def ddpm256_config(dataset: str, preset: str, num_steps: int, eval_split: str) -> ml_collections.ConfigDict:
   """DDPM's 256x256 recipe (Ho et al. 2020, Appendix B): the 114M-parameter UNet, lr 2e-5, batch 64,
-  EMA 0.9999, random flips, no dropout, bfloat16 activations; for CelebA-HQ and LSUN."""
+  EMA 0.9999, random flips, no dropout, bfloat16 activations on GPU/TPU ("auto"); for CelebA-HQ and LSUN."""
   c = base_config()
   c.data.name, c.data.image_size, c.data.eval_split = dataset, 256, eval_split
-  c.model.preset, c.model.dtype = preset, "bfloat16"
+  c.model.preset, c.model.dtype = preset, "auto"
   c.training.batch_size, c.training.num_steps, c.training.sample_every = 64, num_steps, 100_000
   c.optim.lr = 2e-5
   c.sample.num_samples = c.sample.batch_size = 16
@@ -89,10 +96,24 @@ def unet_kwargs(config, image_shape) -> dict:
   kw.update({k: m[k] for k in MODEL_OVERRIDES if m[k] is not None})
   for k in ("ch_mult", "attn_resolutions"):
     kw[k] = tuple(kw[k])
-  kw["dtype"] = jnp.dtype(m.dtype)
+  kw["dtype"] = resolve_dtype(m.dtype)
   kw["remat"] = bool(m.remat)
   kw["out_channels"] = diffusion.output_channels(image_shape[-1], config.diffusion.var_type)
   return kw
+
+
+def resolve_dtype(name: str, backend: str | None = None) -> jnp.dtype:
+  """The network's compute dtype for config.model.dtype: "float32", "bfloat16", or "auto" = bfloat16 on
+  GPU and TPU, float32 on CPU (and any other backend). Parameters, optimizer state, the diffusion math,
+  the loss and the sampler update stay float32 whatever this says. backend: jax.default_backend() if None.
+  The one place the dtype is decided: training, sampling and evaluation build their UNet through
+  `unet_kwargs`."""
+  if name == "auto":
+    if backend is None:
+      import jax  # noqa: PLC0415
+      backend = jax.default_backend()
+    name = AUTO_DTYPE.get(backend, "float32")
+  return jnp.dtype(name)
 
 
 def _fail(field: str, value, allowed: str):
@@ -136,8 +157,10 @@ def validate(config, image_shape=None) -> None:
   from jaxddpm import data  # noqa: PLC0415  (data imports tfds; keep this module light)
   _choice(config, "data.name", sorted(data.DATASETS))
   _positive_int(config, "data.image_size")
-  _positive_int(config, "data.prefetch_batches", zero_ok=True)
-  _positive_int(config, "data.num_threads", zero_ok=True)
+  for field, lo in (("data.prefetch_batches", 1), ("data.num_threads", 0)):
+    v = config.data[field.split(".")[1]]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= MAX_INPUT_THREADS_AND_BATCHES:
+      _fail(field, v, f"an integer in [{lo}, {MAX_INPUT_THREADS_AND_BATCHES}]")
   for field in ("split", "eval_split"):
     splits = data.DATASETS[config.data.name].splits
     if config.data[field] not in splits:

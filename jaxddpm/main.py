@@ -59,6 +59,12 @@ def main(argv) -> int:
   import jax  # noqa: PLC0415
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
+  if jax.process_index() == 0:  # what runs: backend, devices, the network's compute dtype
+    from jaxddpm import config as config_lib  # noqa: PLC0415
+    dtype = config_lib.resolve_dtype(config.model.dtype).name if config.model.dtype in config_lib.DTYPES else "?"
+    print(f"{jax.default_backend()}: {jax.device_count()} x {jax.devices()[0].device_kind} "
+          f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); network computes in "
+          f"{dtype} (model.dtype={config.model.dtype!r}), diffusion math in float32", flush=True)
   try:
     if _MODE.value == "train":
       from jaxddpm import train  # noqa: PLC0415

@@ -54,3 +54,32 @@ def test_prefetching_loop_trains_bitwise_like_a_plain_loop(data_dir):
   runner.assert_trees_equal(jax.device_get(plain), jax.device_get(fetched), "prefetching loop vs plain loop")
   with pytest.raises(ValueError, match="size"):
     next(parallel.prefetch_to_devices(it2, mesh, size=0))
+
+
+def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_accelerators():
+  from jaxddpm import config as config_lib  # noqa: PLC0415
+  import importlib.util  # noqa: PLC0415
+  spec = importlib.util.spec_from_file_location("cifar10_config", runner.REPO / "configs" / "cifar10.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  assert c.model.dtype == "auto" and jax.default_backend() == "cpu"
+  assert config_lib.unet_kwargs(c, (32, 32, 3))["dtype"] == jnp.float32  # what training, sampling, eval build
+  for backend, dtype in (("gpu", jnp.bfloat16), ("tpu", jnp.bfloat16), ("cpu", jnp.float32)):
+    assert config_lib.resolve_dtype("auto", backend) == dtype
+  assert config_lib.resolve_dtype("bfloat16", "cpu") == jnp.bfloat16  # an explicit choice is kept
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model.dtype", "float16"), ("model.dtype", "Auto"), ("data.num_threads", -1),
+    ("data.num_threads", 1000), ("data.prefetch_batches", 0), ("data.prefetch_batches", True),
+    ("data.prefetch_batches", 65)])
+def test_bad_dtype_threads_or_prefetch_refused_naming_the_field(field, value):
+  """config.validate runs before anything is built or compiled (experiment.prepare)."""
+  from jaxddpm import config as config_lib  # noqa: PLC0415
+  c = config_lib.base_config()
+  section, name = field.split(".")
+  with c.unlocked():
+    c[section][name] = value
+  with pytest.raises(ValueError, match=rf"config\.{field} = .*allowed"):
+    config_lib.validate(c)
