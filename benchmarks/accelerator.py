@@ -212,8 +212,7 @@ def stage_loop(cfg, preset, dtype, batch, dataset, **overrides):
     holder[0], m = p_step(holder[0], b)
     return m
 
-  n = cfg["loop_steps"]
-  t_fixed = _timed(fixed, n)
+  n, t_fixed, t_loop = cfg["loop_steps"], [], []
   with tempfile.TemporaryDirectory() as d, tfds.testing.mock_data(num_examples=cfg["mock_examples"]):
     it = data.make_train_iterator(dataset, data_dir=d, global_batch_size=batch, random_flip=shape[-1] == 3,
                                   image_size=shape[0], num_threads=2, prefetch_batches=4)
@@ -222,7 +221,10 @@ def stage_loop(cfg, preset, dtype, batch, dataset, **overrides):
     def looped():
       holder[0], m = p_step(holder[0], next(batches)[0])
       return m
-    t_loop = _timed(looped, n)
+    for _ in range(3):  # alternating rounds: a busy moment of a shared machine hits both
+      t_fixed.append(_timed(fixed, n, rounds=1))
+      t_loop.append(_timed(looped, n, rounds=1))
+  t_fixed, t_loop = min(t_fixed), min(t_loop)
   return {"preset": preset, "overrides": overrides, "dataset": dataset, "batch": batch,
           "fixed_steps_per_s": 1 / t_fixed, "loop_steps_per_s": 1 / t_loop, "loop_over_fixed": t_fixed / t_loop}
 
@@ -262,7 +264,7 @@ def stages(cfg):
       "digits8": (stage_step, ("digits8", "float32", cfg["digits_batch"])),
       "sampler": (stage_sampler, (c, "bfloat16")),
       "input": (stage_input, ()),
-      "loop_cifar": (stage_loop, (c, "bfloat16", bs, "cifar10")),
+      "loop_cifar": (stage_loop, (c, "bfloat16", bs, "cifar10" if c != "digits8" else "digits")),
       "loop_small": (stage_loop, ("digits8", "float32", 128, "digits"), {"ch": 8, "num_groups": 4}),
       "cli": (stage_cli, ()),
   }
