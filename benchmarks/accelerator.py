@@ -324,7 +324,8 @@ def main():
     fn, fargs, *kw = stages(cfg)[args.stage]
     print("RESULT " + json.dumps(fn(cfg, *fargs, **(kw[0] if kw else {}))), flush=True)
     return
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
+  env = os.environ  # the stages' environment, and this process's for the device line below
+  env.update(PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
