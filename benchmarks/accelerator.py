@@ -37,7 +37,7 @@ FULL = dict(cifar_preset="cifar10", cifar_batch=128, steps=20, digits_batch=128,
             sample_steps=100, mock_examples=50_000, input_batches=200, loop_steps=100, cli_steps=2000,
             matmul=8192, stage_timeout=240)
 QUICK = dict(cifar_preset="digits8", cifar_batch=16, steps=3, digits_batch=32, sample_batch=8, sample_steps=10,
-             mock_examples=1_000, input_batches=50, loop_steps=20, cli_steps=100, matmul=1024, stage_timeout=90)
+             mock_examples=1_000, input_batches=50, loop_steps=20, cli_steps=100, matmul=1024, stage_timeout=150)
 # --quick: unoptimised XLA code compiles in half the time; its figures only show that the script works
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -99,8 +99,17 @@ def _train_setup(preset: str, dtype: str, batch: int, **overrides):
   opt = training.make_optimizer(lr=2e-4, warmup_steps=5000, grad_clip=1.0)
   mesh = parallel.data_mesh()
   rep = parallel.replicated(mesh)
-  state = jax.jit(functools.partial(training.init_train_state, model=model, optimizer=opt, image_shape=shape),
-                  out_shardings=rep)(jax.random.PRNGKey(0))
+  # Random parameters drawn with numpy into the abstract state (jit(model.init) compiles for ~20 s on a GPU:
+  # every initializer is its own threefry computation); optimizer state zero, as after init.
+  abstract = jax.eval_shape(functools.partial(training.init_train_state, model=model, optimizer=opt,
+                                              image_shape=shape), jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  draw = lambda a: (0.02 * rng.standard_normal(a.shape)).astype(a.dtype)
+  state = abstract.replace(params=jax.tree.map(draw, abstract.params),
+                           opt_state=jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract.opt_state),
+                           step=np.zeros((), np.int32), rng=np.zeros((2,), np.uint32),
+                           nonfinite_streak=np.zeros((), np.int32), nonfinite_total=np.zeros((), np.int32))
+  state = jax.device_put(state.replace(ema_params=jax.tree.map(np.copy, state.params)), rep)
   step_fn = functools.partial(training.train_step, model=model, optimizer=opt, schedule=make_schedule("linear", 1000),
                               mean_type="eps", var_type="fixed_large", loss_type="mse", ema=0.9999,
                               learning_rate=training.learning_rate_schedule(2e-4, 5000))
@@ -327,6 +336,9 @@ def main():
   env = os.environ  # the stages' environment, and this process's for the device line below
   env.update(PYTHONPATH=os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)])))
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  # One persistent compilation cache for all stages: the loop stages reuse the step stages' programs.
+  cache = tempfile.mkdtemp(prefix="jaxddpm_accel_cache_")
+  env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
   if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()  # CPU only
