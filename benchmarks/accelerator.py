@@ -326,6 +326,9 @@ def main():
   p.add_argument("--quick", action="store_true", help="a <= 2-minute CPU run with small sizes")
   p.add_argument("--out", default=None, help="directory for accelerator.json and accelerator.md")
   p.add_argument("--only", default=None, help="comma-separated stage names")
+  p.add_argument("--budget", type=float, default=None,
+                 help="seconds for all stages: a stage that would start later is skipped, and the last one "
+                      "gets only what is left (default: no limit)")
   p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   cfg = QUICK if args.quick else FULL
@@ -348,14 +351,23 @@ def main():
   results, t_all = {"quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S")}, time.perf_counter()
   for name in names:
     t0 = time.perf_counter()
+    timeout = cfg["stage_timeout"]
+    if args.budget is not None:
+      timeout = min(timeout, args.budget - (t0 - t_all))
+      if timeout < 20:
+        results[name] = "skipped: the --budget was spent"
+        continue
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name] + (["--quick"] if args.quick else [])
     try:
-      r = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg["stage_timeout"], env=env)
+      r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
       found = [line[7:] for line in r.stdout.splitlines() if line.startswith("RESULT ")]
       results[name] = json.loads(found[-1]) if found else f"failed (rc {r.returncode}): {r.stderr.strip()[-300:]}"
     except subprocess.TimeoutExpired:
-      results[name] = f"timed out after {cfg['stage_timeout']} s"
+      results[name] = f"timed out after {timeout:.0f} s"
     print(f"[{name}: {time.perf_counter() - t0:.0f} s] {json.dumps(results[name])[:400]}", flush=True)
+    if args.out:  # after every stage, so that a run cut short still leaves what it measured
+      Path(args.out).mkdir(parents=True, exist_ok=True)
+      (Path(args.out) / "accelerator.json").write_text(json.dumps(results, indent=1, default=str))
   if "matmul" not in results:
     results["matmul"] = None
   try:
