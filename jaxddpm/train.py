@@ -115,9 +115,12 @@ def run(config, workdir: str) -> None:
                 f"lr {m.get('lr', 0):.2e} nonfinite {int(m['nonfinite_total'])} "
                 f"{m['steps_per_sec']:.1f} steps/s ETA {m['eta_minutes']:.1f} min", flush=True)
         if streak >= tc.max_nonfinite_streak:
+          latest = manager.latest_step()  # saves refuse non-finite parameters: any checkpoint is finite
+          kept = (f"the newest checkpoint, step {latest}, is kept in {checkpoint.checkpoint_dir(workdir)}"
+                  if latest is not None else f"no checkpoint was written in {workdir}: none is kept")
           raise FloatingPointError(
               f"{streak} non-finite training steps in a row (config.training.max_nonfinite_streak = "
-              f"{tc.max_nonfinite_streak}); stopping. The last good checkpoint is kept in {workdir}.")
+              f"{tc.max_nonfinite_streak}); stopping: {kept}.")
       if preemption.reached(step):
         save(step, force=True)
         manager.wait_until_finished()
