@@ -37,7 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
                      p2_gamma=1.0, p2_k=1.0)
   c.training = dict(batch_size=128, num_steps=800_000, seed=0, log_every=100, checkpoint_every=10_000,
                     keep_checkpoints=3, sample_every=50_000, max_nonfinite_streak=20,
-                    eval_at_end=True)  # the built-in datasets' in-domain score when training ends
+                    eval_at_end=True,  # the built-in datasets' in-domain score when training ends
+                    # continue a workdir's checkpoints on another dataset or split (fine-tuning); without it
+                    # such a workdir is refused like one of another model
+                    allow_dataset_change=False)
   c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                  ema_decay=0.9999, ema_warmup=True)
   c.sample = dict(num_samples=64, batch_size=64, method="ancestral", timesteps=config_dict.placeholder(str),
@@ -189,6 +192,10 @@ def validate(config, image_shape=None) -> None:
             "eval.fid_num_samples"):
     _positive_int(config, f)
   _positive_int(config, "training.seed", zero_ok=True)
+  if not isinstance(config.training.allow_dataset_change, bool):
+    _fail("training.allow_dataset_change", config.training.allow_dataset_change, "True or False")
+  if not isinstance(config.training.eval_at_end, bool):
+    _fail("training.eval_at_end", config.training.eval_at_end, "True or False")
   _positive_int(config, "system.cpu_devices", zero_ok=True)
   _positive_int(config, "optim.warmup_steps", zero_ok=True)
   # the warm-up's first learning rate lr / warmup_steps must not vanish in float32 either

@@ -59,7 +59,10 @@ def main(argv) -> int:
   import jax  # noqa: PLC0415
   logging.info("process %d/%d, %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
+  from jaxddpm import workdir_lock  # noqa: PLC0415
+  lock = None
   try:
+    lock = workdir_lock.for_run(_WORKDIR.value, _MODE.value)  # one job per workdir, until this one ends
     if _MODE.value == "train":
       from jaxddpm import train  # noqa: PLC0415
       train.run(config, _WORKDIR.value)
@@ -81,7 +84,10 @@ def main(argv) -> int:
           f"{str(e)[:2000]}\n(in a multi-process run this usually means that another process failed or was "
           "killed; see its log)", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(4)
+    os._exit(4)  # the kernel drops the lock; the next run takes the file over
+  finally:
+    if lock is not None:
+      lock.release()
   return 0
 
 

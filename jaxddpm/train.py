@@ -60,9 +60,12 @@ def run(config, workdir: str) -> None:
     state = init(jax.random.PRNGKey(tc.seed))
     message = f"starting from scratch in {workdir}"
   else:
-    state, data_state, _ = restored
-    it.set_state(data_state["iterator"])
+    state, data_state, old_meta = restored
     message = f"resumed from step {int(parallel.replicated_to_host(state.step))} in {workdir}"
+    if all(old_meta.get(k, meta[k]) == meta[k] for k in experiment.DATASET_FIELDS):
+      it.set_state(data_state["iterator"])
+    else:  # allowed by config.training.allow_dataset_change: the old position means nothing in the new data
+      message += f" on new data ({config.data.name!r}, split {config.data.split!r}, read from its start)"
   logging.info(message)
   if jax.process_index() == 0:
     print(message, flush=True)

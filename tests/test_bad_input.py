@@ -159,12 +159,15 @@ def test_float32_edge_values_are_accepted(data_dir):
   config_lib.validate(c)
 
 
+# the message lists each field that differs as old -> new (issue 16)
 INCOMPATIBLE = [
-    ("wider_model", _set(model__ch=32), "param_shapes"),
-    ("other_image_size", _set(data__image_size=16, model__attn_resolutions=(8,)), "image_shape"),
-    ("other_T", _set(diffusion__num_timesteps=50), "diffusion"),
-    ("other_schedule", _set(diffusion__schedule="linear"), "diffusion"),
-    ("learned_variance", _set(diffusion__var_type="learned_range", diffusion__loss_type="hybrid"), "param_shapes"),
+    ("wider_model", _set(model__ch=32), "param_shapes['conv_in']['kernel']: [3, 3, 1, 16] -> [3, 3, 1, 32]"),
+    ("other_image_size", _set(data__image_size=16, model__attn_resolutions=(8,)),
+     "image_shape: [8, 8, 1] -> [16, 16, 1]"),
+    ("other_T", _set(diffusion__num_timesteps=50), "diffusion.num_timesteps: 20 -> 50"),
+    ("other_schedule", _set(diffusion__schedule="linear"), "diffusion.schedule: 'cosine' -> 'linear'"),
+    ("learned_variance", _set(diffusion__var_type="learned_range", diffusion__loss_type="hybrid"),
+     "param_shapes['conv_out']['kernel']: [3, 3, 16, 1] -> [3, 3, 16, 2]"),
 ]
 
 
@@ -180,6 +183,29 @@ def test_workdir_of_an_incompatible_model_is_refused(change, expected, data_dir,
   assert compiles.count == 0 and runner.tree_digest(workdir) == before
 
 
+DATASET_CHANGES = [
+    ("other_dataset", _set(data__name="mnist5k"), "dataset: 'digits' -> 'mnist5k'"),  # same 8x8x1 images
+    ("other_split", _set(data__split="test"), "dataset_split: 'train' -> 'test'"),
+]
+
+
+@pytest.mark.parametrize("change,expected", [c[1:] for c in DATASET_CHANGES], ids=[c[0] for c in DATASET_CHANGES])
+def test_workdir_of_another_dataset_is_refused_unless_allowed(change, expected, data_dir, workdir, compiles):
+  """The same model on other data is refused like another model (issue 16), unless
+  training.allow_dataset_change (fine-tuning); either way nothing is compiled or written."""
+  c = test_config.get_config()
+  c.data.data_dir = data_dir
+  change(c)
+  before = runner.tree_digest(workdir)
+  with pytest.raises(ValueError, match="trained on other data") as e:
+    experiment.prepare(c, str(workdir))
+  assert expected in str(e.value) and "allow_dataset_change=True" in str(e.value), str(e.value)
+  assert "incompatible" not in str(e.value)
+  c.training.allow_dataset_change = True
+  experiment.prepare(c, str(workdir))
+  assert compiles.count == 0 and runner.tree_digest(workdir) == before
+
+
 # ---- the real command line ----------------------------------------------------------------------------
 
 CLI = [
@@ -190,6 +216,8 @@ CLI = [
      ["training.batch_size = 12", "8"]),
     ("incompatible_workdir", ["--config.model.ch=32"], 1, True, 2, ["incompatible run", "param_shapes"]),
     ("negative_lr", ["--config.optim.lr=-0.1"], 1, True, 2, ["config.optim.lr"]),
+    ("other_dataset", ["--config.data.name=mnist5k"], 1, True, 2,
+     ["trained on other data: dataset: 'digits' -> 'mnist5k'", "--config.training.allow_dataset_change=True"]),
     ("sample_without_checkpoint", ["--mode=sample"], 1, False, 2, ["no checkpoint"]),
 ]
 
