@@ -146,6 +146,16 @@ def test_interrupted_runs_end_bitwise_equal(reference, data_dir, cache_dir, tmp_
   warnings = [line for line in r.stdout.splitlines() if line.startswith("WARNING: checkpoint ")]
   assert len(warnings) == 2, r.stdout[-3000:]
   assert f"{ckdir / str(latest)} is damaged" in warnings[0] and f"{ckdir / str(second)} is damaged" in warnings[1]
+  # one line each (issue 16): the truncated file by name and what is wrong with it, where the step went;
+  # no tracebacks, no asyncio noise, nothing else but the run's own lines
+  rel = truncated.relative_to(ckdir / str(latest))
+  assert f"file {rel} is truncated" in warnings[0] and "cannot be read" in warnings[0], warnings[0]
+  assert f"moved it to {ckdir / str(latest)}.damaged" in warnings[0]
+  assert "missing" in warnings[1] and f"moved it to {ckdir / str(second)}.damaged" in warnings[1], warnings[1]
+  assert "Traceback" not in r.output and "Event loop is closed" not in r.output, r.output[-3000:]
+  other = [line for line in r.output.splitlines()
+           if not line.startswith(("step ", "WARNING: checkpoint ", "resumed from ", "note: "))]
+  assert len(other) <= 5, r.output[-3000:]
   assert _resumed_from(r.stdout) == good
   assert (ckdir / f"{latest}.damaged").is_dir() and (ckdir / f"{second}.damaged").is_dir()  # kept
   assert not list(ckdir.glob("*orbax-checkpoint-tmp*"))
