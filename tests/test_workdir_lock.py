@@ -101,3 +101,23 @@ def test_command_line_is_refused_while_another_job_holds_the_workdir(tmp_path, d
   finally:
     holder.stop()
   assert not (mine / workdir_lock.LOCK_NAME).exists()
+
+
+def test_two_process_run_is_refused_by_process_0s_verdict(tmp_path, data_dir):
+  """A two-process run (jax.distributed on 127.0.0.1) on a held workdir: process 0 tries the lock once
+  for the run; both processes exit 2 at once with the holder's pid, none waits for the other."""
+  from conftest import free_port  # noqa: PLC0415
+  wd = tmp_path / "wd"
+  holder = Holder(wd, tmp_path / "cache")
+  try:
+    address = f"127.0.0.1:{free_port()}"
+    env = runner.env(tmp_path / "cache", devices=1)
+    procs = [runner.Proc(runner.command(wd, data_dir, process=(address, 2, i)), env, tmp_path / f"p{i}")
+             for i in range(2)]
+    results = [p.wait(timeout=120) for p in procs]
+  finally:
+    holder.stop()
+  for i, r in enumerate(results):
+    assert r.returncode == 2, (i, r.output[-3000:])
+    assert f"in use by another jaxddpm job: pid {holder.p.pid}" in r.stderr and "Traceback" not in r.output, r.output
+    assert r.seconds < 60, (i, r.seconds)
