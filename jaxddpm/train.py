@@ -41,6 +41,15 @@ class Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+def kept_checkpoint(manager, workdir: str) -> str:
+  """Which checkpoint a stopped run leaves to resume from (saves refuse non-finite parameters, so any
+  checkpoint is finite), or that there is none."""
+  latest = manager.latest_step()
+  if latest is None:
+    return f"no checkpoint was written in {workdir}, so none is kept"
+  return f"the newest checkpoint, step {latest}, is kept in {checkpoint.checkpoint_dir(workdir)}"
+
+
 def run(config, workdir: str) -> None:
   """Trains (or resumes training) to config.training.num_steps."""
   image_shape, mesh, model, sched, optimizer, lr_fn, abstract, meta, reader = experiment.prepare(config, workdir)
@@ -118,12 +127,9 @@ def run(config, workdir: str) -> None:
                 f"lr {m.get('lr', 0):.2e} nonfinite {int(m['nonfinite_total'])} "
                 f"{m['steps_per_sec']:.1f} steps/s ETA {m['eta_minutes']:.1f} min", flush=True)
         if streak >= tc.max_nonfinite_streak:
-          latest = manager.latest_step()  # saves refuse non-finite parameters: any checkpoint is finite
-          kept = (f"the newest checkpoint, step {latest}, is kept in {checkpoint.checkpoint_dir(workdir)}"
-                  if latest is not None else f"no checkpoint was written in {workdir}: none is kept")
           raise FloatingPointError(
               f"{streak} non-finite training steps in a row (config.training.max_nonfinite_streak = "
-              f"{tc.max_nonfinite_streak}); stopping: {kept}.")
+              f"{tc.max_nonfinite_streak}); stopping: {kept_checkpoint(manager, workdir)}.")
       if preemption.reached(step):
         save(step, force=True)
         manager.wait_until_finished()
