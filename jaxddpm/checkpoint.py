@@ -5,7 +5,8 @@ participating. Each step holds three items: "state" (the `TrainState` pytree), "
 iterator's state, JSON) and "meta" (JSON: what the checkpoint was trained for, so a workdir of an
 incompatible model is refused rather than overwritten, and a fingerprint of the state's bytes). A step
 that fails to restore (truncated, missing or corrupt files, a fingerprint that does not match) is reported
-by name, moved aside to `STEP.damaged` (kept for inspection, never deleted) and the previous one is used;
+in one line (the array or file and what is wrong with it; the noise of orbax's failed attempt is held
+back), moved aside to `STEP.damaged` (kept for inspection, never deleted) and the previous one is used;
 unfinished async saves live in `*.orbax-checkpoint-tmp` folders orbax never lists as steps. Nothing but
 orbax's keep-K policy deletes a committed checkpoint.
 """
@@ -89,11 +90,13 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, met
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict | None:
-  """The meta item of a step, or None if it cannot be read."""
-  try:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception:  # noqa: BLE001  (any damage means: no usable meta)
-    return None
+  """The meta item of a step, or None if it cannot be read (orbax's noise about it held back)."""
+  with quiet_failures() as quiet:
+    try:
+      return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception:  # noqa: BLE001  (any damage means: no usable meta)
+      quiet.failed()
+      return None
 
 
 def _restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state):
@@ -163,7 +166,7 @@ def describe_damage(error: BaseException, step_dir) -> str:
     chain.append(e)
     e = e.__cause__ or e.__context__
   text = "\n".join(str(x) for x in chain)
-  array, file_, rng, code = (_ARRAY.search(text), _FILE.search(text), _RANGE.search(text), _CODE.search(text))
+  array, file_, rng = _ARRAY.search(text), _FILE.search(text), _RANGE.search(text)
   if not (array or file_ or rng):
     return f"{type(error).__name__}: {_one_line(error)}"
   step_dir = str(step_dir)
