@@ -121,7 +121,7 @@ def _restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state):
 # Files every step of ours has (orbax's pytree and JSON handlers): a missing one is named as such rather
 # than surfacing as orbax's "pytree structure error" or a tensorstore NOT_FOUND on some array.
 REQUIRED_FILES = ("state/_METADATA", "meta/metadata", "data/metadata")
-JSON_FILES = ("meta/metadata", "data/metadata")
+JSON_FILES = ("state/_METADATA", "meta/metadata", "data/metadata")
 
 
 class Damaged(ValueError):
@@ -142,7 +142,7 @@ def _check_files(step_dir) -> None:
     try:
       json.loads((step_dir / f).read_text())
     except ValueError as e:
-      raise Damaged(f"file {f} is not valid JSON ({e})") from None
+      raise Damaged(f"file {f} is not valid JSON, truncated or corrupt ({e})") from None
 
 
 _ARRAY = re.compile(r'Error reading "([^"]+?)(?:/[^"/]*)?" in OCDBT')
