@@ -7,7 +7,6 @@ the next job takes it over and names the dead job. Released, the file is gone.
 """
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
