@@ -9,6 +9,7 @@ configuration never overwrites another's files, the same command rewrites the sa
 from __future__ import annotations
 
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -73,6 +74,19 @@ def _save_png(path: str, image) -> None:
   os.replace(tmp, path)
 
 
+def save_npz(path: str, **arrays) -> str:
+  """np.savez's format with fixed zip timestamps (the same arrays give the same bytes), written through
+  a temporary name (a kill never leaves a truncated file under `path`)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with epath.Path(tmp).open("wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+    for name, a in arrays.items():
+      info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+      with z.open(info, "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, np.asarray(a), allow_pickle=False)
+  os.replace(tmp, path)
+  return path
+
+
 def write_sample_grid(config, model, sched, params, mesh, image_shape, workdir: str, step: int,
                       writer, bar=None) -> str:
   """Samples config.sample.num_samples images from params, writes `grid_path` and a TensorBoard image.
@@ -120,9 +134,6 @@ def run(config, workdir: str) -> None:
   for i in range(0, len(samples), per_grid):
     _save_png(str(outdir / f"{tag}_grid{i // per_grid:03d}.png"), grid_png(samples[i:i + per_grid], s.grid_cols))
   path = outdir / f"{tag}.npz"
-  tmp = outdir / f"{tag}.npz.tmp-{os.getpid()}"
-  with tmp.open("wb") as f:
-    np.savez(f, samples=samples)
-  os.replace(tmp, path)
+  save_npz(str(path), samples=samples)
   print(f"wrote {len(samples)} samples of step {step}: {path} and {-(-len(samples) // per_grid)} grid(s) "
         f"{outdir / tag}_grid*.png", flush=True)

@@ -82,6 +82,9 @@ def _finished(config, workdir, reader, abstract, mesh, model, sched, image_shape
   if restored is None or int(parallel.replicated_to_host(restored[0].step)) < N:
     return False  # damaged: the writing manager moves it aside and training redoes the steps
   step = int(parallel.replicated_to_host(restored[0].step))
+  if step > N:
+    _say(f"training already went to step {step}, past config.training.num_steps = {N}; nothing to do")
+    return True
   outputs = _final_outputs(config, workdir)
   missing = [name for name, path in outputs.items() if not _is_complete(path)]
   if jax.process_count() > 1:  # process 0 writes the files: its view decides, on every process alike

@@ -214,8 +214,9 @@ def test_ctrl_c_resume_finished_run_and_missing_grid(reference, data_dir, cache_
 
 
 def test_two_sampling_configurations_side_by_side(reference, cache_dir, tmp_path):
-  """--mode sample with ancestral sampling, then DDIM on 5 steps: both sets of files stay, each named
-  by step, method, steps, seed and count."""
+  """--mode sample with ancestral sampling, then DDIM on 5 steps, then ancestral again: both sets of
+  files stay, each named by step, method, steps, seed and count, and the repeated command rewrites the
+  same bytes."""
   wd = tmp_path / "wd"
   shutil.copytree(reference / "checkpoints" / str(M), wd / "checkpoints" / str(M))
   env = runner.env(cache_dir)
@@ -225,12 +226,23 @@ def test_two_sampling_configurations_side_by_side(reference, cache_dir, tmp_path
   first = runner.tree_digest(wd / "samples")
   r = runner.run(base + ["--config.sample.method=ddim", "--config.sample.timesteps=ddim5"], env)
   assert r.returncode == 0, r.output[-3000:]
+  r = runner.run(base, env)
+  assert r.returncode == 0, r.output[-3000:]
   after = runner.tree_digest(wd / "samples")
-  assert {k: after[k] for k in first} == first  # the ancestral files are untouched
+  assert {k: after[k] for k in first} == first  # untouched by DDIM, and the same bytes again
   a, d = f"step{M:08d}_ancestral20_seed0_n8", f"step{M:08d}_ddim5_seed0_n8"
   assert sorted(after) == sorted([f"{a}.npz", f"{a}_grid000.png", f"{d}.npz", f"{d}_grid000.png"])
   xa, xd = (np.load(wd / "samples" / f"{t}.npz")["samples"] for t in (a, d))
   assert xa.shape == xd.shape == (8, 8, 8, 1) and not np.array_equal(xa, xd)
+
+
+def test_builtin_dataset_build_says_what_it_does(tmp_path, capsys):
+  from jaxddpm import builtin_datasets  # noqa: PLC0415
+  builtin_datasets.builtin_builder("digits", str(tmp_path))
+  out = capsys.readouterr().out
+  assert "Downloading" not in out and "downloaded" not in out, out
+  assert f"building the built-in dataset jaxddpm_digits (no download: from data shipped in scikit-learn) into " \
+         f"{tmp_path}" in out, out
 
 
 def test_stop_signals_first_requests_a_stop_second_aborts():
