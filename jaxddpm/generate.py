@@ -75,8 +75,8 @@ def _save_png(path: str, image) -> None:
 
 
 def save_npz(path: str, **arrays) -> str:
-  """np.savez's format with fixed zip timestamps (the same arrays give the same bytes), written through
-  a temporary name (a kill never leaves a truncated file under `path`)."""
+  """np.savez's format (uncompressed zip of .npy files, entries dated 1980-01-01 so that the same arrays
+  give the same bytes), written through a temporary name: a kill never leaves a truncated file."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with epath.Path(tmp).open("wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
     for name, a in arrays.items():
