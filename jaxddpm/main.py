@@ -225,7 +225,7 @@ def _main_with_errors(argv) -> None:
   except BadInput as e:
     _fail(str(e), EXIT_BAD_INPUT)
   except KeyboardInterrupt:
-    _fail("aborted (Ctrl-C); nothing was saved since the newest checkpoint", EXIT_ABORTED)
+    _fail("aborted by Ctrl-C (in training: nothing saved since the newest checkpoint)", EXIT_ABORTED)
   except Exception as e:  # noqa: BLE001  (a bug: one line here, the traceback in the log file)
     logging.log(logging.INFO, "uncaught exception", exc_info=True)
     _fail(f"{type(e).__name__}: {e} (--verbosity=1 prints the traceback; it is also in the log file "

@@ -104,11 +104,16 @@ def _finished(config, workdir, reader, abstract, mesh, model, sched, image_shape
   return True
 
 
-def _say(message: str, bar=None) -> None:
+def _close(bar) -> None:
+  """Closes a progress bar (None: none was made); returns None."""
+  if bar is not None:
+    bar.close()
+
+
+def _say(message: str) -> None:
+  """One console line, from process 0."""
   if jax.process_index() == 0:
-    (bar.write if bar is not None else print)(message)
-    if bar is None:
-      print(end="", flush=True)
+    print(message, flush=True)
 
 
 def run(config, workdir: str, signals: stop.StopSignals | None = None) -> None:
@@ -181,8 +186,9 @@ def _run(config, workdir: str, signals: stop.StopSignals) -> None:
   if step == 0:
     writer.write_config(config)
   progress = logger.Progress(tc.num_steps, step)
-  bar = logger.progress(tc.num_steps, "train", unit="step", initial=step, enabled=is_main)
-  plain = not logger.is_terminal()
+  # A terminal gets a bar (made after the first step, whose call compiled it: its rate and ETA count
+  # only compiled steps); logs and CI get the plain line of each report.
+  plain, bar = not (is_main and logger.is_terminal()), None
   acc, t_input, t_last = [], 0.0, time.time()
 
   def save(step, force=False):
@@ -198,6 +204,10 @@ def _run(config, workdir: str, signals: stop.StopSignals) -> None:
       state, metrics = p_step(state, batch)
       step += 1
       progress.started(step)  # the first call compiled the step: rates count from here
+      if not plain:
+        if bar is None:
+          bar = logger.progress(tc.num_steps, "train", unit="step", initial=step - 1)
+        bar.update(1)
       acc.append(metrics)
       if step % tc.log_every == 0 or step == tc.num_steps:
         m = jax.tree.map(lambda *xs: float(np.mean([float(x) for x in xs])), *acc)
@@ -215,7 +225,6 @@ def _run(config, workdir: str, signals: stop.StopSignals) -> None:
           if plain:
             print(line, flush=True)
           else:
-            bar.update(step - bar.n)
             bar.set_postfix(loss=f"{m['loss']:.4f}", nonfinite=int(m["nonfinite_total"]))
         if streak >= tc.max_nonfinite_streak:
           raise FloatingPointError(
@@ -224,7 +233,7 @@ def _run(config, workdir: str, signals: stop.StopSignals) -> None:
       if preemption.reached(step):
         save(step, force=True)
         manager.wait_until_finished()
-        bar.close()
+        bar = _close(bar)
         _say(f"preempted: saved checkpoint at step {step}; exiting ({preemption.reason}; the same command "
              "resumes)")
         return
@@ -233,12 +242,11 @@ def _run(config, workdir: str, signals: stop.StopSignals) -> None:
       if step % tc.sample_every == 0 and step != tc.num_steps:
         generate.write_sample_grid(config, model, sched, state.ema_params, mesh, image_shape, workdir, step,
                                     writer, bar=bar)
-    bar.update(step - bar.n)
-    bar.close()
+    bar = _close(bar)
     manager.wait_until_finished()
     _say(f"training finished at step {step}/{tc.num_steps}; checkpoints in {checkpoint.checkpoint_dir(workdir)}")
     _end_of_run(config, model, sched, state, mesh, image_shape, workdir, writer)
   finally:
-    bar.close()
+    _close(bar)
     manager.wait_until_finished()
     writer.close()
