@@ -31,12 +31,13 @@ def last_logged_step(logdir: str) -> int:
   bitwise, and skips logging them again (one value per step in TensorBoard)."""
   from etils import epath  # noqa: PLC0415
   from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader  # noqa: PLC0415
-  files = sorted(epath.Path(logdir).glob(EVENTS_GLOB), key=lambda p: p.name.split(".")[3:4])
-  if not files:
-    return -1
   last = -1
-  for raw in RawEventFileLoader(os.fspath(files[-1])).Load():
-    last = max(last, int(event_pb2.Event.FromString(raw).step))
+  try:
+    files = sorted(epath.Path(logdir).glob(EVENTS_GLOB), key=lambda p: p.name.split(".")[3:4])
+    for raw in (RawEventFileLoader(os.fspath(files[-1])).Load() if files else ()):
+      last = max(last, int(event_pb2.Event.FromString(raw).step))
+  except Exception as e:  # noqa: BLE001  (unreadable: log everything, as before this check existed)
+    pylogging.getLogger(__name__).warning("could not read the event files in %s (%s)", logdir, e)
   return last
 
 
