@@ -2,10 +2,14 @@
 schedule, optimizer, abstract train state and checkpoint manager, all before anything is compiled."""
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
+import shutil
 
 import jax
+import numpy as np
 
 from jaxddpm import checkpoint, config as config_lib, data, parallel, training
 from jaxddpm.models.unet import UNet
@@ -91,6 +95,51 @@ def check_compatible(workdir: str, manager, meta: dict, allow_dataset_change: bo
     return
 
 
+MIN_FREE_BYTES = 64 * 2 ** 20
+
+
+def _existing_ancestor(path: str) -> str:
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
+
+
+def check_workdir(workdir: str) -> None:
+  """Refuses (ValueError, writing nothing) a local workdir that is a file, lies under a file, or cannot
+  be written by this user (checked with os.access, so that root passes as the kernel lets it)."""
+  if "://" in os.fspath(workdir):
+    return  # gs:// and friends: the storage layer reports its own errors
+  workdir = os.fspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} is a file, not a directory; use another --workdir")
+  base = _existing_ancestor(workdir)
+  if not os.path.isdir(base):
+    raise ValueError(f"--workdir={workdir} cannot be created: {base} is a file, not a directory")
+  if not os.access(base, os.W_OK | os.X_OK):
+    what = "is not writable" if base == os.path.abspath(workdir) else f"cannot be created: {base} is not writable"
+    raise ValueError(f"--workdir={workdir} {what} by this user (uid {os.getuid()}); use another --workdir or "
+                     "fix its permissions")
+
+
+def check_free_space(workdir: str, abstract=None) -> None:
+  """Refuses (ValueError) to start training on a disk with less free space than one checkpoint needs
+  (the train state's bytes, at least MIN_FREE_BYTES), before anything is written."""
+  if "://" in os.fspath(workdir):
+    return
+  need = MIN_FREE_BYTES
+  if abstract is not None:
+    need = max(need, sum(int(np.prod(x.shape)) * getattr(x.dtype, "itemsize", 4) for x in jax.tree.leaves(abstract)))
+  try:
+    free = shutil.disk_usage(_existing_ancestor(workdir)).free
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir}: cannot read its disk's free space ({e})") from None
+  if free < need:
+    raise ValueError(f"--workdir={workdir}: the disk is full ({free / 2 ** 20:.1f} MiB free, a checkpoint needs "
+                     f"{need / 2 ** 20:.1f} MiB); free some space or use another --workdir "
+                     f"({errno.errorcode[errno.ENOSPC]})")
+
+
 def prepare(config, workdir: str):
   """Everything checked before compiling: config, dataset, image shape, batch size, workdir.
 
@@ -98,6 +147,11 @@ def prepare(config, workdir: str):
   writing one once these checks have passed).
   """
   config_lib.validate(config)
+  check_workdir(workdir)
+  data_dir = config.data.data_dir
+  if data_dir and "://" not in data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+    raise ValueError(f"config.data.data_dir = {data_dir!r} is a file; allowed: a directory (tfds data_dir) or "
+                     "None (the default ~/tensorflow_datasets)")
   image_shape = data.dataset_info(config.data.name, config.data.data_dir,
                                   image_size=config.data.image_size).image_shape
   config_lib.validate(config, image_shape)

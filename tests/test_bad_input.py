@@ -210,8 +210,8 @@ def test_workdir_of_another_dataset_is_refused_unless_allowed(change, expected, 
 
 CLI = [
     # (id, extra argv, fake devices, use the workdir with a checkpoint, exit code, texts in the output)
-    ("typo_in_field", ["--config.training.batch_sise=64"], 1, True, 1, ["batch_sise"]),
-    ("bad_mode", ["--mode=infer"], 1, True, 1, ["--mode", "infer"]),
+    ("typo_in_field", ["--config.training.batch_sise=64"], 1, True, 2, ["batch_sise", "did you mean 'batch_size'"]),
+    ("bad_mode", ["--mode=infer"], 1, True, 2, ["--mode", "infer"]),
     ("batch_not_divisible_by_8_devices", ["--config.training.batch_size=12"], 8, True, 2,
      ["training.batch_size = 12", "8"]),
     ("incompatible_workdir", ["--config.model.ch=32"], 1, True, 2, ["incompatible run", "param_shapes"]),
