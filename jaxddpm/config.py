@@ -7,8 +7,11 @@ and the allowed values.
 """
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from jaxddpm import diffusion, losses, schedule
@@ -41,7 +44,10 @@ def base_config() -> ml_collections.ConfigDict:
                      p2_gamma=1.0, p2_k=1.0)
   c.training = dict(batch_size=128, num_steps=800_000, seed=0, log_every=100, checkpoint_every=10_000,
                     keep_checkpoints=3, sample_every=50_000, max_nonfinite_streak=20,
-                    eval_at_end=True)  # the built-in datasets' in-domain score when training ends
+                    eval_at_end=True,  # the built-in datasets' in-domain score when training ends
+                    # continue a workdir's checkpoints on another dataset or split (fine-tuning); without it
+                    # such a workdir is refused like one of another model
+                    allow_dataset_change=False)
   c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                  ema_decay=0.9999, ema_warmup=True)
   c.sample = dict(num_samples=64, batch_size=64, method="ancestral", timesteps=config_dict.placeholder(str),
@@ -134,13 +140,29 @@ def _positive_int(config, field, zero_ok=False):
     _fail(field, v, "an integer >= 0" if zero_ok else "an integer >= 1")
 
 
-def _number(config, field, lo, hi, lo_open=False, hi_open=False):
+# float32 limits for the optimizer's numbers, which the train step uses in float32: a nonzero value below
+# F32_TINY (the smallest normal float32) is 0 or flushed to 0, one above F32_MAX is inf, and a decay above
+# F32_BELOW_ONE rounds to 1 (1 - decay = 0: Adam's bias correction divides by 0, the EMA freezes).
+F32_TINY = float(np.finfo(np.float32).tiny)            # 1.1754944e-38
+F32_MAX = float(np.finfo(np.float32).max)              # 3.4028235e+38
+F32_BELOW_ONE = float(np.nextafter(np.float32(1), np.float32(0)))  # 0.99999994
+# Adam's update m / (sqrt(v) + eps): a gradient g below sqrt(F32_TINY) ~ 1.1e-19 has g^2 = 0 in float32
+# (v = 0, m != 0), so the update is ~ g / eps; eps >= sqrt(F32_TINY) keeps it <= 1 (eps = 0 gives 0 / 0).
+MIN_ADAM_EPS = float(np.sqrt(np.float64(F32_TINY)))   # 1.0842022e-19
+
+
+def _number(config, field, lo, hi, lo_open=False, hi_open=False, why=""):
+  """A real number in the interval, and, when nonzero, a normal float32 (neither 0 nor inf in float32)."""
   section, name = field.split(".")
   v = config[section][name]
-  ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+  ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
   ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+  ok = ok and (v == 0 or F32_TINY <= abs(v) <= F32_MAX)
   if not ok:
-    _fail(field, v, f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+    interval = f"{'(' if lo_open else '['}{lo:.8g}, {hi:.8g}{')' if hi_open else ']'}"
+    _fail(field, v, f"a number in {interval}" + (f" ({why})" if why else
+                                                 f", 0 or of magnitude [{F32_TINY:.8g}, {F32_MAX:.8g}] "
+                                                 "(not 0 or inf in float32)"))
 
 
 def validate(config, image_shape=None) -> None:
@@ -174,6 +196,12 @@ def validate(config, image_shape=None) -> None:
   _choice(config, "diffusion.loss_type", losses.LOSS_TYPES)
   _choice(config, "diffusion.weighting", losses.WEIGHTINGS)
   _choice(config, "diffusion.t_sampling", losses.T_SAMPLINGS)
+  _number(config, "diffusion.min_snr_gamma", F32_TINY, F32_MAX, why="min(SNR, gamma) / SNR: gamma > 0 in float32")
+  _number(config, "diffusion.p2_gamma", 0.0, F32_MAX)
+  _number(config, "diffusion.p2_k", F32_TINY, F32_MAX, why="(k + SNR)^-gamma: k > 0 in float32")
+  if config.diffusion.weighting == "p2" and config.diffusion.p2_k ** -config.diffusion.p2_gamma > F32_MAX:
+    _fail("diffusion.p2_gamma", config.diffusion.p2_gamma,
+          f"a value with p2_k^-p2_gamma <= {F32_MAX:.8g} (the weight at SNR -> 0 is inf in float32)")
   learned = config.diffusion.var_type in ("learned", "learned_range")
   if config.diffusion.loss_type == "mse" and learned:
     _fail("diffusion.loss_type", "mse", f"'hybrid' or 'kl' with var_type={config.diffusion.var_type!r}")
@@ -187,17 +215,26 @@ def validate(config, image_shape=None) -> None:
             "eval.fid_num_samples"):
     _positive_int(config, f)
   _positive_int(config, "training.seed", zero_ok=True)
+  if not isinstance(config.training.allow_dataset_change, bool):
+    _fail("training.allow_dataset_change", config.training.allow_dataset_change, "True or False")
+  if not isinstance(config.training.eval_at_end, bool):
+    _fail("training.eval_at_end", config.training.eval_at_end, "True or False")
   _positive_int(config, "system.cpu_devices", zero_ok=True)
   _positive_int(config, "optim.warmup_steps", zero_ok=True)
-  _number(config, "optim.lr", 0.0, 1.0, lo_open=True)
-  _number(config, "optim.grad_clip", 0.0, float("inf"))
-  _number(config, "optim.b1", 0.0, 1.0, hi_open=True)
-  _number(config, "optim.b2", 0.0, 1.0, hi_open=True)
-  _number(config, "optim.eps", 0.0, 1.0, lo_open=True)  # eps = 0 makes Adam's first steps 0/0
+  # the warm-up's first learning rate lr / warmup_steps must not vanish in float32 either
+  min_lr = F32_TINY * max(1, config.optim.warmup_steps)
+  _number(config, "optim.lr", min_lr, 1.0, why=f"lr / max(1, warmup_steps) >= {F32_TINY:.8g}: not 0 in float32")
+  _number(config, "optim.grad_clip", 0.0, F32_MAX, why=f"0 (no clipping) or [{F32_TINY:.8g}, {F32_MAX:.8g}]: "
+          "not 0 or inf in float32")
+  below_one = f"1 - value must not be 0 in float32, so at most {F32_BELOW_ONE:.8g}"
+  _number(config, "optim.b1", 0.0, F32_BELOW_ONE, why=below_one)
+  _number(config, "optim.b2", 0.0, F32_BELOW_ONE, why=below_one)
+  _number(config, "optim.eps", MIN_ADAM_EPS, 1.0,
+          why="Adam divides by sqrt(v) + eps, and v is 0 in float32 for gradients below 1.1e-19")
   _number(config, "optim.weight_decay", 0.0, 1.0)
-  _number(config, "optim.ema_decay", 0.0, 1.0)
+  _number(config, "optim.ema_decay", 0.0, F32_BELOW_ONE, why=below_one)
   _choice(config, "sample.method", SAMPLE_METHODS)
-  _number(config, "sample.eta", 0.0, float("inf"))
+  _number(config, "sample.eta", 0.0, F32_MAX)
   if config.sample.method == "ancestral" and config.sample.eta != 0.0:
     _fail("sample.eta", config.sample.eta, "0.0 with sample.method='ancestral' (eta is DDIM's)")
   try:

@@ -10,7 +10,9 @@
 * Pictures (`write_figures`): a sample grid, progressive generation (predicted x_0 along the chain) and
   interpolation in x_t between real test images (DDPM Fig. 8).
 
-`run(config, workdir)` does all of it for the newest checkpoint and writes WORKDIR/eval/results_stepN.json.
+`run(config, workdir)` does all of it for the newest checkpoint and writes its results to
+WORKDIR/eval/<report.config_tag>_results.json. Files made of samples are named by `report.sample_tag`
+(step, method, sampling steps, seed, count), so other settings never overwrite them.
 Bad input (missing weights or statistics file, statistics of another resolution, no checkpoint) raises
 FileNotFoundError / ValueError before anything is compiled.
 """
@@ -32,6 +34,7 @@ __all__ = [
   "IN_DOMAIN_DATASETS",
   "validate_eval_config",
   "in_domain_report",
+  "in_domain_path",
   "read_images",
   "write_figures",
   "run",
@@ -137,7 +140,9 @@ def _run_bpd(config, model, sched, params, mesh, image_shape, workdir, step) -> 
   out.update(split=d.eval_split, num_timesteps=int(sched.num_timesteps), seed=e.seed, ema=e.use_ema,
              clip_denoised=e.bpd_clip_denoised)
   if report.is_main():
-    paths = bpd.write_bpd_outputs(result, report.eval_dir(workdir), step,
+    name = (f"step{int(step):08d}_bpd_{d.eval_split}_n{out['num_examples']}_seed{e.seed}"
+            f"{'' if e.use_ema else '_raw'}{'' if e.bpd_clip_denoised else '_noclip'}")
+    paths = bpd.write_bpd_outputs(result, report.eval_dir(workdir), step, name=name,
                                   title=f"{d.name}:{d.eval_split}, step {step}, {out['num_examples']} examples")
     out.update(paths)
     print(f"bits/dim ({d.name}:{d.eval_split}, {out['num_examples']} examples, step {step}): "
@@ -183,6 +188,15 @@ def _load_classifier(config, image_shape, train_images, train_labels):
   return classifier_lib.load_or_train_classifier(path, train_images, train_labels, **kw), path
 
 
+def in_domain_path(config, workdir: str, step: int, num_samples: int | None = None,
+                   use_ema: bool | None = None) -> str:
+  """WORKDIR/eval/<sample_tag>_in_domain.json: where `in_domain_report` writes (seed config.eval.seed)."""
+  e = config.eval
+  tag = report.sample_tag(config, step, seed=e.seed, num_samples=e.in_domain_num_samples if num_samples is None
+                          else num_samples, use_ema=e.use_ema if use_ema is None else use_ema)
+  return os.path.join(report.eval_dir(workdir), f"{tag}_in_domain.json")
+
+
 def in_domain_report(config, model, sched, params, mesh, image_shape, workdir, *, step: int | None = None,
                      num_samples: int | None = None, use_ema: bool | None = None) -> dict:
   """The offline in-domain score of a built-in dataset (digits, mnist5k) for the given parameters.
@@ -194,10 +208,12 @@ def in_domain_report(config, model, sched, params, mesh, image_shape, workdir, *
                        held-out test split (same formula as FID; lower is better);
     mean_max_confidence  (1/n) sum_i max_y p(y | x_i);  classifier_score  exp(E KL(p(y|x) || p(y)));
     class_entropy      H(p_hat(y)) (log 10 = 2.30 when all classes are equally frequent).
-  The same numbers for min(n, |train|) real train images ("real_*") give the value a perfect model
-  would reach at this sample size; test_accuracy checks the classifier itself.
+  The same numbers for m = min(n, |train|) real train images ("real_*", a random subset drawn with
+  config.eval.seed) give the value a perfect model would reach at this sample size: the Frechet distance
+  of n points is biased upwards, so only a comparison at the same count is meaningful; a value below
+  the real one is noise, not "better than real". test_accuracy checks the classifier itself.
 
-  Writes WORKDIR/eval/in_domain_stepN.json ({"metrics", "protocol"}) on process 0 and prints one line.
+  Writes `in_domain_path` ({"metrics", "protocol"}) on process 0 and prints one line.
   Every process must call it (sampling is sharded). Returns the metrics dict (plus "path").
   """
   d, e = config.data, config.eval
@@ -212,29 +228,32 @@ def in_domain_report(config, model, sched, params, mesh, image_shape, workdir, *
   test_x, test_y = read_images(config, test_split, image_shape=image_shape)
   clf, clf_path = _load_classifier(config, image_shape, train_x, train_y)
   mu, sigma = classifier_lib.classifier_statistics(clf, test_x)
-  samples = generate.sample_uint8(config, model, sched, params, mesh, image_shape, n, seed=e.seed)["samples"]
+  samples = generate.sample_uint8(config, model, sched, params, mesh, image_shape, n, seed=e.seed,
+                                  desc="in-domain score: sampling")["samples"]
   score = classifier_lib.in_domain_score(clf, samples, mu, sigma)
-  real = classifier_lib.in_domain_score(clf, train_x[:min(n, len(train_x))], mu, sigma)
+  m = min(n, len(train_x))
+  subset = np.sort(np.random.default_rng(e.seed).choice(len(train_x), size=m, replace=False))
+  real = classifier_lib.in_domain_score(clf, train_x[subset], mu, sigma)
   metrics = dict(score)
   metrics.update({f"real_{k}": v for k, v in real.items()})
   metrics["test_accuracy"] = classifier_lib.classifier_accuracy(clf, test_x, test_y)
   metrics["num_samples"] = int(n)
-  metrics["num_real"] = int(min(n, len(train_x)))
+  metrics["num_real"] = int(m)
   protocol = fid_stats.Protocol(
       num_samples=int(n), reference=f"{d.name}:{test_split}", reference_split="test", ema=bool(use_ema),
       seed=int(e.seed), feature_extractor=f"{clf.name} ({(clf.meta or {}).get('fingerprint', '?')})",
       sampler=report.sampler_description(config),
       extra={"classifier": clf_path, "classifier_steps": int(e.classifier_steps), "step": step,
              "image_shape": list(image_shape), "num_reference": int(len(test_x))})
-  name = "in_domain.json" if step is None else f"in_domain_step{step}.json"
-  path = os.path.join(report.eval_dir(workdir), name)
+  path = in_domain_path(config, workdir, step or 0, num_samples=n, use_ema=use_ema)
   if report.is_main():
     fid_stats.save_result(path, metrics, protocol)
-    print(f"in-domain score ({d.name}, {n} samples{'' if step is None else f', step {step}'}): "
-          f"frechet {score['frechet_distance']:.2f} (real train images: {real['frechet_distance']:.2f}), "
-          f"confidence {score['mean_max_confidence']:.3f} (real: {real['mean_max_confidence']:.3f}), "
-          f"classifier score {score['classifier_score']:.2f} (real: {real['classifier_score']:.2f}), "
-          f"classifier test accuracy {metrics['test_accuracy']:.3f} -> {path}", flush=True)
+    print(f"in-domain score of {n} samples{'' if step is None else f' at step {step}'} ({d.name}; in brackets "
+          f"{m} real train images, the floor at this count): frechet {score['frechet_distance']:.2f} "
+          f"[{real['frechet_distance']:.2f}], confidence {score['mean_max_confidence']:.3f} "
+          f"[{real['mean_max_confidence']:.3f}], classifier score {score['classifier_score']:.2f} "
+          f"[{real['classifier_score']:.2f}]; classifier test accuracy {metrics['test_accuracy']:.3f} -> {path}",
+          flush=True)
   metrics["path"] = path
   return metrics
 
@@ -254,15 +273,16 @@ def write_figures(config, model, sched, params, mesh, image_shape, workdir, *, s
   K = sampling.resolve_timesteps(sched, config.sample.timesteps).num_timesteps
   every = max(1, math.ceil(K / e.figure_num_snapshots))
   out = generate.sample_uint8(config, model, sched, params, mesh, image_shape, n, seed=e.seed,
-                              snapshot_every=every)
+                              snapshot_every=every, desc="figures: sampling")
   paths = {}
   outdir = report.eval_dir(workdir)
+  tag = report.sample_tag(config, step, seed=e.seed, num_samples=n, use_ema=e.use_ema)
   if report.is_main():
     cols = math.ceil(math.sqrt(n))
-    paths["samples"] = images.save_png(os.path.join(outdir, f"samples_step{step}.png"),
+    paths["samples"] = images.save_png(os.path.join(outdir, f"{tag}_samples.png"),
                                        generate.grid_png(out["samples"], cols))
     grid = figures.progressive_grid(out["pred_x0_snapshots"][:, :min(8, n)])
-    paths["progressive"] = images.save_png(os.path.join(outdir, f"progressive_step{step}.png"),
+    paths["progressive"] = images.save_png(os.path.join(outdir, f"{tag}_progressive_s{out['pred_x0_snapshots'].shape[0]}.png"),
                                            _visible(grid))
   T = config.diffusion.num_timesteps
   t_paper = e.interp_timestep or max(T // 2, 1)
@@ -282,8 +302,9 @@ def write_figures(config, model, sched, params, mesh, image_shape, workdir, *, s
                               clip_denoised=s.clip_denoised)
     if report.is_main():
       grid = figures.interpolation_grid(test_x[0::2], test_x[1::2], res["decoded"])
-      paths["interpolation"] = images.save_png(os.path.join(outdir, f"interpolation_step{step}_t{t_paper}.png"),
-                                               _visible(grid))
+      itag = report.sample_tag(config, step, seed=e.seed, num_samples=pairs, use_ema=e.use_ema)
+      paths["interpolation"] = images.save_png(
+          os.path.join(outdir, f"{itag}_interpolation_t{t_paper}_x{e.interp_num_lambdas}.png"), _visible(grid))
   if report.is_main():
     print(f"wrote figures {sorted(paths.values())}", flush=True)
   return paths
@@ -307,7 +328,7 @@ def run(config, workdir: str) -> dict:
   Checks first (ValueError / FileNotFoundError, nothing compiled): the config, the Inception weights
   and statistics files when FID runs, that the workdir has a checkpoint. Then loads the EMA (or, with
   config.eval.use_ema=False, the raw) parameters and writes WORKDIR/eval/results_stepN.json with every
-  number and its protocol. Returns that dict.
+  number and its protocol (WORKDIR/eval/<report.config_tag>_results.json). Returns that dict.
   """
   config_lib.validate(config)
   metrics = validate_eval_config(config)
@@ -315,6 +336,9 @@ def run(config, workdir: str) -> dict:
   image_shape = data.dataset_info(d.name, d.data_dir, image_size=d.image_size).image_shape
   variables = fid.check_fid_inputs(config, image_shape) if "fid" in metrics else None
   model, sched, mesh, image_shape, params, step = generate.load_params(config, workdir, use_ema=config.eval.use_ema)
+  if report.is_main():
+    from jaxddpm import logger  # noqa: PLC0415
+    logger.open_log_file(workdir)
   results = {"step": step, "workdir": os.fspath(workdir), "dataset": d.name, "ema": bool(config.eval.use_ema),
              "metrics_run": list(metrics)}
   if "bpd" in metrics:
@@ -331,7 +355,7 @@ def run(config, workdir: str) -> dict:
     print("no sample-quality metric: set --config.eval.inception_weights=PATH (and optionally "
           "--config.eval.fid_stats=PATH) for FID", flush=True)
   results["config"] = json.loads(config.to_json_best_effort())
-  path = os.path.join(report.eval_dir(workdir), f"results_step{step}.json")
+  path = os.path.join(report.eval_dir(workdir), f"{report.config_tag(config, step)}_results.json")
   if report.is_main():
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -250,21 +250,44 @@ def _normal(keys, tag, image_shape):
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, tag), image_shape, jnp.float32))(keys)
 
 
-def _reverse_chain(model_fn, schedule: Schedule, key, x_T, sample_offset, shape, cfg: SamplerConfig,
-                   sharding=None):
-  """The scan over schedule entries K-1..0; returns the output dict (see `sample`). Traceable."""
-  B, image_shape = shape[0], shape[1:]
-  constrain = (lambda a, spec: a) if sharding is None else (
-      lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(sharding, spec)))
-  keys = constrain(_sample_keys(key, sample_offset, B), P("data"))
-  if x_T is None:
-    x_T = _normal(keys, X_T_TAG, image_shape)
-  x_T = constrain(jnp.asarray(x_T, jnp.float32), P("data"))
-  K = schedule.num_timesteps
+def _chain_layout(K: int, cfg: SamplerConfig):
+  """(snapshot positions [S], slot of each scan position [K] (-1: none)) of a chain of K steps."""
   positions = snapshot_indices(K, cfg.snapshot_every)
-  S = len(positions)
   slot_of_step = np.full((K,), -1, np.int32)
-  slot_of_step[positions] = np.arange(S, dtype=np.int32)
+  slot_of_step[positions] = np.arange(len(positions), dtype=np.int32)
+  return positions, slot_of_step
+
+
+def _constrain_fn(sharding):
+  return (lambda a, spec: a) if sharding is None else (
+      lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(sharding, spec)))
+
+
+def _chain_start(schedule: Schedule, key, x_T, sample_offset, shape, cfg: SamplerConfig, sharding=None):
+  """The scan carry before the first step: (x_T, snapshot buffers). Traceable."""
+  constrain = _constrain_fn(sharding)
+  if x_T is None:
+    x_T = _normal(constrain(_sample_keys(key, sample_offset, shape[0]), P("data")), X_T_TAG, shape[1:])
+  x_T = constrain(jnp.asarray(x_T, jnp.float32), P("data"))
+  S = len(_chain_layout(schedule.num_timesteps, cfg)[0])
+  snaps0 = ()
+  if S:
+    buf = constrain(jnp.zeros((S,) + tuple(shape), jnp.float32), P(None, "data"))
+    snaps0 = (buf, buf)
+  return x_T, snaps0
+
+
+def _chain_steps(model_fn, schedule: Schedule, key, carry, sample_offset, shape, cfg: SamplerConfig,
+                 sharding=None, first=0, length=None):
+  """Scan positions first .. first + length - 1 of the chain (position i runs schedule entry K-1-i)
+  from `carry`; returns the carry after them. first may be traced, length is static. Traceable."""
+  B, image_shape = shape[0], shape[1:]
+  constrain = _constrain_fn(sharding)
+  keys = constrain(_sample_keys(key, sample_offset, B), P("data"))
+  K = schedule.num_timesteps
+  length = K if length is None else length
+  _, slot_of_step = _chain_layout(K, cfg)
+  S = int((slot_of_step >= 0).sum())
   needs_noise = cfg.method == "ancestral" or cfg.eta != 0
 
   def step(carry, xs):
@@ -289,18 +312,41 @@ def _reverse_chain(model_fn, schedule: Schedule, key, x_T, sample_offset, shape,
       snaps = (put(snaps[0], pred_x0), put(snaps[1], x))
     return (x_prev, snaps), None
 
-  snaps0 = ()
-  if S:
-    buf = constrain(jnp.zeros((S,) + tuple(shape), jnp.float32), P(None, "data"))
-    snaps0 = (buf, buf)
-  xs = (jnp.arange(K - 1, -1, -1, dtype=jnp.int32), jnp.asarray(slot_of_step))
-  (x0, snaps), _ = jax.lax.scan(step, (x_T, snaps0), xs)
+  ks, slots = jnp.arange(K - 1, -1, -1, dtype=jnp.int32), jnp.asarray(slot_of_step)
+  if length != K:
+    ks, slots = (jax.lax.dynamic_slice_in_dim(a, first, length) for a in (ks, slots))
+  carry, _ = jax.lax.scan(step, carry, (ks, slots))
+  return carry
+
+
+def _chain_result(schedule: Schedule, carry, cfg: SamplerConfig) -> dict:
+  """The output dict of `sample` from the carry after the last step."""
+  x0, snaps = carry
   result = {"samples": x0}
-  if S:
+  if snaps:
+    K = schedule.num_timesteps
+    positions, _ = _chain_layout(K, cfg)
     result["pred_x0_snapshots"] = snaps[0]
     result["x_t_snapshots"] = snaps[1]
     result["snapshot_timesteps"] = schedule.timesteps[jnp.asarray(K - 1 - positions, jnp.int32)]
   return result
+
+
+def _reverse_chain(model_fn, schedule: Schedule, key, x_T, sample_offset, shape, cfg: SamplerConfig,
+                   sharding=None):
+  """The scan over schedule entries K-1..0; returns the output dict (see `sample`). Traceable."""
+  carry = _chain_start(schedule, key, x_T, sample_offset, shape, cfg, sharding)
+  carry = _chain_steps(model_fn, schedule, key, carry, sample_offset, shape, cfg, sharding)
+  return _chain_result(schedule, carry, cfg)
+
+
+def segment_length(num_steps: int, max_segments: int) -> int:
+  """The length of each of at most max_segments equal segments of a chain of num_steps steps: the
+  smallest divisor L of num_steps with num_steps / L <= max_segments (equal lengths compile once)."""
+  for n in range(max(1, min(int(max_segments), num_steps)), 0, -1):
+    if num_steps % n == 0:
+      return num_steps // n
+  return num_steps
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "shape", "cfg"))
@@ -363,6 +409,19 @@ def _sharded_sampler(apply_fn, shape, cfg: SamplerConfig, mesh: Mesh):
   return jax.jit(fn)
 
 
+@functools.lru_cache(maxsize=64)
+def _sharded_segments(apply_fn, shape, cfg: SamplerConfig, mesh: Mesh, length: int):
+  """The jitted chain in pieces: start(schedule, key, sample_offset) -> carry, and
+  steps(params, schedule, key, sample_offset, carry, first) -> carry after `length` steps from `first`."""
+  def start(schedule, key, sample_offset):
+    return _chain_start(schedule, key, None, sample_offset, shape, cfg, sharding=mesh)
+
+  def steps(params, schedule, key, sample_offset, carry, first):
+    return _chain_steps(lambda x, t: apply_fn(params, x, t), schedule, key, carry, sample_offset, shape, cfg,
+                        sharding=mesh, first=first, length=length)
+  return jax.jit(start), jax.jit(steps, donate_argnums=(4,))
+
+
 def make_sampler(apply_fn: Callable, schedule: Schedule, shape, *, method: str = "ancestral",
                  timesteps=None, eta: float = 0.0, mean_type: str = "eps", var_type: str = "fixed_large",
                  clip_denoised: bool = True, snapshot_every: int | None = None, mesh: Mesh | None = None):
@@ -406,13 +465,31 @@ def make_sampler(apply_fn: Callable, schedule: Schedule, shape, *, method: str =
     args = (params, schedule, key, jnp.asarray(sample_offset, jnp.int32))
     return jax.device_put(args, replicated)
 
-  def sampler(params, key, sample_offset=0) -> dict[str, Any]:
-    out = jitted(*place(params, key, sample_offset))
+  def unpad(out):
     if padded[0] != B:
       out = {k: (v if k == "snapshot_timesteps" else v[:B] if k == "samples" else v[:, :B])
              for k, v in out.items()}
     return out
 
+  def sampler(params, key, sample_offset=0) -> dict[str, Any]:
+    return unpad(jitted(*place(params, key, sample_offset)))
+
+  def in_segments(params, key, sample_offset=0, *, max_segments=10, on_segment=None) -> dict[str, Any]:
+    """The same samples as sampler(...), the chain run as at most max_segments jitted pieces of equal
+    length; on_segment(steps_done, num_steps) is called after each (it waits for the piece)."""
+    K = schedule.num_timesteps
+    length = segment_length(K, max_segments)
+    start, steps = _sharded_segments(apply_fn, padded, cfg, mesh, length)
+    params, sched, key, offset = place(params, key, sample_offset)
+    carry = start(sched, key, offset)
+    for first in range(0, K, length):
+      carry = steps(params, sched, key, offset, carry, jnp.asarray(first, jnp.int32))
+      if on_segment is not None:
+        jax.block_until_ready(carry)
+        on_segment(first + length, K)
+    return unpad(_chain_result(sched, carry, cfg))
+
+  sampler.in_segments = in_segments
   sampler.jitted = jitted
   sampler.schedule = schedule
   sampler.padded_shape = padded
@@ -421,14 +498,17 @@ def make_sampler(apply_fn: Callable, schedule: Schedule, shape, *, method: str =
 
 
 def sample_batched(apply_fn: Callable, params, schedule: Schedule, shape, key, *, batch_size: int | None = None,
-                   mesh: Mesh | None = None, sample_offset: int = 0, **kwargs) -> dict[str, np.ndarray]:
+                   mesh: Mesh | None = None, sample_offset: int = 0, on_steps: Callable | None = None,
+                   max_segments: int = 10, **kwargs) -> dict[str, np.ndarray]:
   """shape[0] samples in batches of batch_size on a device mesh; returns host numpy arrays.
 
   Batch b holds global sample indices sample_offset + b * batch_size + [0, batch_size); every batch has
   the same shape (the last one is padded, and padding to the mesh size too), so the program compiles
   once, and the result is identical for any batch_size or mesh (each sample's noise comes from its global
   index). kwargs: method, timesteps, eta, mean_type, var_type, clip_denoised, snapshot_every (see
-  `sample`). Returns the dict of `sample` with N = shape[0] samples (snapshots [S, N, ...]).
+  `sample`). With on_steps, each batch's chain runs in at most max_segments jitted pieces (the same
+  samples) and on_steps(steps_done, K) reports after each piece (a progress bar).
+  Returns the dict of `sample` with N = shape[0] samples (snapshots [S, N, ...]).
   """
   shape = _check_shape(shape)
   N = shape[0]
@@ -441,7 +521,11 @@ def sample_batched(apply_fn: Callable, params, schedule: Schedule, shape, key, *
   sampler = make_sampler(apply_fn, schedule, (batch_size,) + shape[1:], mesh=mesh, **kwargs)
   pieces = []
   for start in range(0, N, batch_size):
-    out = sampler(params, key, sample_offset + start)
+    if on_steps is None:
+      out = sampler(params, key, sample_offset + start)
+    else:
+      out = sampler.in_segments(params, key, sample_offset + start, max_segments=max_segments,
+                                on_segment=lambda done, K: on_steps(done, K))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # noqa: PLC0415
       out = multihost_utils.process_allgather(out, tiled=True)

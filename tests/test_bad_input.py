@@ -10,6 +10,7 @@ import shutil
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 import runner
@@ -100,6 +101,22 @@ CASES = [
     ("adam_b1_one", _set(optim__b1=1.0), "config.optim.b1"),
     ("ema_decay_above_one", _set(optim__ema_decay=1.5), "config.optim.ema_decay"),
     ("negative_grad_clip", _set(optim__grad_clip=-1.0), "config.optim.grad_clip"),
+    # numbers that are 0, 1 or inf in float32, where the train step uses them (issue 16)
+    ("adam_eps_zero_in_float32", _set(optim__eps=1e-50), "config.optim.eps = 1e-50"),
+    ("adam_eps_below_sqrt_tiny", _set(optim__eps=1e-25), "config.optim.eps"),
+    ("lr_zero_in_float32", _set(optim__lr=1e-50), "config.optim.lr"),
+    ("first_warmup_lr_zero_in_float32", _set(optim__lr=1e-36, optim__warmup_steps=1000), "config.optim.lr"),
+    ("ema_decay_one_in_float32", _set(optim__ema_decay=0.99999999), "config.optim.ema_decay"),
+    ("ema_decay_one", _set(optim__ema_decay=1.0), "config.optim.ema_decay"),
+    ("adam_b2_one_in_float32", _set(optim__b2=0.999999999), "config.optim.b2"),
+    ("grad_clip_inf_in_float32", _set(optim__grad_clip=1e39), "config.optim.grad_clip"),
+    ("grad_clip_zero_in_float32", _set(optim__grad_clip=1e-46), "config.optim.grad_clip"),
+    ("weight_decay_subnormal", _set(optim__weight_decay=1e-40), "config.optim.weight_decay"),
+    ("eta_inf", _set(sample__method="ddim", sample__eta=float("inf")), "config.sample.eta"),
+    ("min_snr_gamma_zero", _set(diffusion__weighting="min_snr", diffusion__min_snr_gamma=0.0),
+     "config.diffusion.min_snr_gamma"),
+    ("p2_weight_inf_in_float32", _set(diffusion__weighting="p2", diffusion__p2_k=1e-3, diffusion__p2_gamma=20.0),
+     "config.diffusion.p2_gamma"),
     ("zero_image_size", _set(data__image_size=0), "config.data.image_size"),
     ("negative_cpu_devices", _set(system__cpu_devices=-1), "config.system.cpu_devices"),
 ]
@@ -129,12 +146,28 @@ def test_the_table_is_large_and_each_case_is_bad_on_its_own(data_dir, workdir):
   assert runner.tree_digest(workdir) == before
 
 
+def test_float32_edge_values_are_accepted(data_dir):
+  """The limits themselves pass: the smallest normal float32, the largest float32 below 1, sqrt(tiny)."""
+  from jaxddpm import config as config_lib  # noqa: PLC0415
+  tiny, below_one = float(np.finfo(np.float32).tiny), float(np.nextafter(np.float32(1), np.float32(0)))
+  assert np.float32(below_one) < 1 and np.float32(tiny) > 0 and np.float32(np.sqrt(tiny)) ** 2 > 0
+  c = test_config.get_config()
+  c.data.data_dir = data_dir
+  c.optim.eps, c.optim.lr, c.optim.warmup_steps = float(np.sqrt(np.float64(tiny))) * 1.0001, tiny * 2, 2
+  c.optim.ema_decay = c.optim.b1 = c.optim.b2 = below_one
+  c.optim.grad_clip, c.optim.weight_decay = float(np.finfo(np.float32).max), tiny
+  config_lib.validate(c)
+
+
+# the message lists each field that differs as old -> new (issue 16)
 INCOMPATIBLE = [
-    ("wider_model", _set(model__ch=32), "param_shapes"),
-    ("other_image_size", _set(data__image_size=16, model__attn_resolutions=(8,)), "image_shape"),
-    ("other_T", _set(diffusion__num_timesteps=50), "diffusion"),
-    ("other_schedule", _set(diffusion__schedule="linear"), "diffusion"),
-    ("learned_variance", _set(diffusion__var_type="learned_range", diffusion__loss_type="hybrid"), "param_shapes"),
+    ("wider_model", _set(model__ch=32), "param_shapes['conv_in']['kernel']: [3, 3, 1, 16] -> [3, 3, 1, 32]"),
+    ("other_image_size", _set(data__image_size=16, model__attn_resolutions=(8,)),
+     "image_shape: [8, 8, 1] -> [16, 16, 1]"),
+    ("other_T", _set(diffusion__num_timesteps=50), "diffusion.num_timesteps: 20 -> 50"),
+    ("other_schedule", _set(diffusion__schedule="linear"), "diffusion.schedule: 'cosine' -> 'linear'"),
+    ("learned_variance", _set(diffusion__var_type="learned_range", diffusion__loss_type="hybrid"),
+     "param_shapes['conv_out']['kernel']: [3, 3, 16, 1] -> [3, 3, 16, 2]"),
 ]
 
 
@@ -150,16 +183,41 @@ def test_workdir_of_an_incompatible_model_is_refused(change, expected, data_dir,
   assert compiles.count == 0 and runner.tree_digest(workdir) == before
 
 
+DATASET_CHANGES = [
+    ("other_dataset", _set(data__name="mnist5k"), "dataset: 'digits' -> 'mnist5k'"),  # same 8x8x1 images
+    ("other_split", _set(data__split="test"), "dataset_split: 'train' -> 'test'"),
+]
+
+
+@pytest.mark.parametrize("change,expected", [c[1:] for c in DATASET_CHANGES], ids=[c[0] for c in DATASET_CHANGES])
+def test_workdir_of_another_dataset_is_refused_unless_allowed(change, expected, data_dir, workdir, compiles):
+  """The same model on other data is refused like another model (issue 16), unless
+  training.allow_dataset_change (fine-tuning); either way nothing is compiled or written."""
+  c = test_config.get_config()
+  c.data.data_dir = data_dir
+  change(c)
+  before = runner.tree_digest(workdir)
+  with pytest.raises(ValueError, match="trained on other data") as e:
+    experiment.prepare(c, str(workdir))
+  assert expected in str(e.value) and "allow_dataset_change=True" in str(e.value), str(e.value)
+  assert "incompatible" not in str(e.value)
+  c.training.allow_dataset_change = True
+  experiment.prepare(c, str(workdir))
+  assert compiles.count == 0 and runner.tree_digest(workdir) == before
+
+
 # ---- the real command line ----------------------------------------------------------------------------
 
 CLI = [
     # (id, extra argv, fake devices, use the workdir with a checkpoint, exit code, texts in the output)
-    ("typo_in_field", ["--config.training.batch_sise=64"], 1, True, 1, ["batch_sise"]),
-    ("bad_mode", ["--mode=infer"], 1, True, 1, ["--mode", "infer"]),
+    ("typo_in_field", ["--config.training.batch_sise=64"], 1, True, 2, ["batch_sise", "did you mean 'batch_size'"]),
+    ("bad_mode", ["--mode=infer"], 1, True, 2, ["--mode", "infer"]),
     ("batch_not_divisible_by_8_devices", ["--config.training.batch_size=12"], 8, True, 2,
      ["training.batch_size = 12", "8"]),
     ("incompatible_workdir", ["--config.model.ch=32"], 1, True, 2, ["incompatible run", "param_shapes"]),
     ("negative_lr", ["--config.optim.lr=-0.1"], 1, True, 2, ["config.optim.lr"]),
+    ("other_dataset", ["--config.data.name=mnist5k"], 1, True, 2,
+     ["trained on other data: dataset: 'digits' -> 'mnist5k'", "--config.training.allow_dataset_change=True"]),
     ("sample_without_checkpoint", ["--mode=sample"], 1, False, 2, ["no checkpoint"]),
 ]
 

@@ -71,7 +71,7 @@ def test_run_writes_checkpoints_events_and_a_sample_grid(reference):
   assert scalars["lr"][1] == pytest.approx(1e-3 / 2) and scalars["lr"][STEPS] == pytest.approx(1e-3)
   assert ("config", 0) in texts
   # the PNG grid of the EMA samples at the end, also in TensorBoard
-  png = wd / "samples" / f"step_{STEPS:08d}.png"
+  png = wd / "samples" / f"step{STEPS:08d}_ancestral20_seed0_n8.png"
   grid = np.asarray(Image.open(png))
   assert grid.dtype == np.uint8 and grid.ndim == 2 and min(grid.shape) >= 64 and grid.std() > 0
   tb = images[("samples", STEPS)]
@@ -91,11 +91,12 @@ def test_sample_mode_writes_grids_of_the_npz_samples(reference, cache_dir, tmp_p
                                 mode="sample"), runner.env(cache_dir))
   assert r.returncode == 0, r.output[-3000:]
   out = mine / "samples"
-  samples = np.load(out / f"samples_step{STEPS}.npz")["samples"]
+  tag = f"step{STEPS:08d}_ancestral20_seed0_n20"
+  samples = np.load(out / f"{tag}.npz")["samples"]
   assert samples.dtype == np.uint8 and samples.shape == (20, 8, 8, 1)
   assert len({s.tobytes() for s in samples}) == 20 and samples.std() > 10
-  grids = sorted(out.glob(f"sample_step{STEPS}_*.png"))
-  assert [g.name for g in grids] == [f"sample_step{STEPS}_000.png", f"sample_step{STEPS}_001.png"]
+  grids = sorted(out.glob(f"{tag}_grid*.png"))
+  assert [g.name for g in grids] == [f"{tag}_grid000.png", f"{tag}_grid001.png"]
   for g, chunk in zip(grids, (samples[:16], samples[16:])):
     grid = np.asarray(Image.open(g))
     # layout: tiles of 8 + 1 px padding (1 px border), cells row-major in 4 columns, upscaled by f
@@ -146,5 +147,5 @@ def test_mock_tfds_cifar10_through_the_train_loop(cache_dir, tmp_path):
     state = runner.load_state(wd, 2)
     assert state["params"]["conv_in"]["kernel"].shape[2] == channels
     assert np.isfinite(state["params"]["conv_out"]["kernel"]).all()
-    grid = np.asarray(Image.open(wd / "samples" / "step_00000002.png"))
+    grid = np.asarray(Image.open(wd / "samples" / "step00000002_ancestral10_seed0_n4.png"))
     assert grid.ndim == (3 if channels == 3 else 2)

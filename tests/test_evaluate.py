@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -368,7 +369,9 @@ def test_run_end_to_end(data_dir, tmp_path):
   write_checkpoint(small_config(data_dir), workdir)
   res = evaluate.run(c, workdir)
   assert res["step"] == 3 and res["metrics_run"] == ["bpd", "in_domain", "figures"]
-  saved = json.load(open(os.path.join(workdir, "eval", "results_step3.json")))
+  assert os.path.dirname(res["path"]) == os.path.join(workdir, "eval")
+  assert re.fullmatch(r"step00000003_[0-9a-f]{8}_results\.json", os.path.basename(res["path"])), res["path"]
+  saved = json.load(open(res["path"]))
   b = saved["bpd"]
   assert b["num_examples"] == 12 and b["split"] == "test" and b["ema"] is True and math.isfinite(b["bpd"])
   terms = np.loadtxt(b["csv"], delimiter=",", skiprows=2, usecols=2)

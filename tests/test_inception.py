@@ -453,15 +453,15 @@ def test_weight_file_errors(tmp_path, fake_torch):
   np.savez(tmp_path / "other.npz", a=np.zeros(3))
   with pytest.raises(ValueError, match="missing keys"):
     inception.load_inception_variables(tmp_path / "other.npz")
-  # the converter rejects a state dict of another network and exits non-zero
+  # the converter rejects a state dict of another network: exit 2 (bad input)
   sd = synthetic_state_dict(seed=2)
   del sd["fc.weight"], sd["fc.bias"]
   sd["Mixed_5b.branch1x1.conv.weight"] = sd["Mixed_5b.branch1x1.conv.weight"][:, :-1]
   write_torch_zip(pth, fake_torch, sd)
-  assert convert_lib.main([str(pth), str(tmp_path / "x.npz")]) == 1
-  assert convert_lib.main([str(tmp_path / "nope.pth"), str(tmp_path / "x.npz")]) == 1
+  assert convert_lib.main([str(pth), str(tmp_path / "x.npz")]) == 2
+  assert convert_lib.main([str(tmp_path / "nope.pth"), str(tmp_path / "x.npz")]) == 2
   write_torch_zip(pth, fake_torch, {"weight": np.zeros(3, np.float32)})  # some other network
-  assert convert_lib.main([str(pth), str(tmp_path / "x.npz")]) == 1
+  assert convert_lib.main([str(pth), str(tmp_path / "x.npz")]) == 2
   # a pickle asking for an arbitrary global is refused, not executed
   evil = tmp_path / "evil.pth"
   with zipfile.ZipFile(evil, "w") as z:

@@ -146,6 +146,17 @@ def test_interrupted_runs_end_bitwise_equal(reference, data_dir, cache_dir, tmp_
   warnings = [line for line in r.stdout.splitlines() if line.startswith("WARNING: checkpoint ")]
   assert len(warnings) == 2, r.stdout[-3000:]
   assert f"{ckdir / str(latest)} is damaged" in warnings[0] and f"{ckdir / str(second)} is damaged" in warnings[1]
+  # one line each (issue 16): the truncated file by name and what is wrong with it, where the step went;
+  # no tracebacks, no asyncio noise, nothing else but the run's own lines
+  rel = truncated.relative_to(ckdir / str(latest))
+  assert f"file {rel} is truncated" in warnings[0] and "cannot be read" in warnings[0], warnings[0]
+  assert f"moved it to {ckdir / str(latest)}.damaged" in warnings[0]
+  assert any(t in warnings[1] for t in ("missing", "cannot be read")), warnings[1]
+  assert f"moved it to {ckdir / str(second)}.damaged" in warnings[1], warnings[1]
+  assert "Traceback" not in r.output and "Event loop is closed" not in r.output, r.output[-3000:]
+  other = [line for line in r.output.splitlines()
+           if not line.startswith(("step ", "WARNING: checkpoint ", "resumed from ", "note: ", "wrote sample grid "))]
+  assert len(other) <= 5, other
   assert _resumed_from(r.stdout) == good
   assert (ckdir / f"{latest}.damaged").is_dir() and (ckdir / f"{second}.damaged").is_dir()  # kept
   assert not list(ckdir.glob("*orbax-checkpoint-tmp*"))
@@ -232,6 +243,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_training(data_dir, cache_d
   r = runner.run([sys.executable, str(script)], runner.env(cache_dir))
   assert r.returncode == 3, r.output[-3000:]
   assert "3 non-finite training steps in a row" in r.stderr and "max_nonfinite_streak" in r.stderr, r.stderr[-2000:]
+  assert f"the newest checkpoint, step 8, is kept in {wd / 'checkpoints'}" in r.stderr, r.stderr[-2000:]
   nonfinite = runner.console_metric(r.stdout, "nonfinite")
   assert nonfinite == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1, 7: 2, 8: 3, 9: 4}, r.stdout
   loss = runner.console_metric(r.stdout, "loss")
@@ -270,3 +282,17 @@ def test_checkpoint_save_refuses_nonfinite_parameters(tmp_path):
       with pytest.raises(FloatingPointError, match="not finite"):
         checkpoint.save(manager, 1, state, {}, {})
       assert not any((tmp_path / "checkpoints").iterdir()) if (tmp_path / "checkpoints").exists() else True
+
+
+def test_stop_message_names_the_kept_checkpoint_or_none(reference, tmp_path):
+  """The non-finite streak's stop says which checkpoint a resume would start from, or that there is none
+  (issue 16): read from the workdir on disk, not assumed."""
+  from jaxddpm import checkpoint, train  # noqa: PLC0415
+  empty = tmp_path / "empty"
+  msg = train.kept_checkpoint(checkpoint.make_manager(str(empty), read_only=True), str(empty))
+  assert msg == f"no checkpoint was written in {empty}, so none is kept"
+  wd = tmp_path / "wd"
+  for step in (4, 8):
+    shutil.copytree(reference / "checkpoints" / str(step), wd / "checkpoints" / str(step))
+  msg = train.kept_checkpoint(checkpoint.make_manager(str(wd), read_only=True), str(wd))
+  assert msg == f"the newest checkpoint, step 8, is kept in {wd / 'checkpoints'}"

@@ -106,25 +106,28 @@ def bpd_over_split(apply_fn, params, schedule, batches, *, mesh: Mesh, key, mean
           "eps_mse": acc["mse"] / n}
 
 
-def write_bpd_outputs(result: dict, outdir: str, step: int, title: str | None = None) -> dict:
+def write_bpd_outputs(result: dict, outdir: str, step: int, title: str | None = None,
+                      name: str | None = None) -> dict:
   """Write the per-term curve of a `bpd_over_split` result as CSV and PNG under outdir.
 
   CSV columns: term (L_T prior first, then L_{t-1} for t = T..1), t (the paper's t, 1-indexed), bpd,
   x0_mse, eps_mse, rate_bpd and distortion_rmse (DDPM Fig. 5: bits/dim received once x_t is known,
   RMSE of the predicted x_0 on the [0, 255] scale; see `figures.bpd_curves`).
+  Files: outdir/<name>_terms.csv and .png (name default: bpd_step<step>).
   Returns {"csv": path, "png": path}.
   """
+  name = f"bpd_step{step}" if name is None else name
   terms = np.asarray(result["terms_bpd"], np.float64)
   T = terms.shape[0]
   t, rate, dist = figures.bpd_curves(terms, result["prior_bpd"], result["x0_mse"])
   os.makedirs(outdir, exist_ok=True)
-  csv_path = os.path.join(outdir, f"bpd_terms_step{step}.csv")
+  csv_path = os.path.join(outdir, f"{name}_terms.csv")
   with open(csv_path, "w") as f:
     f.write("term,t,bpd,x0_mse,eps_mse,rate_bpd,distortion_rmse\n")
     f.write(f"L_T,{T},{result['prior_bpd']:.9g},,,{result['prior_bpd']:.9g},\n")
     for i in range(T - 1, -1, -1):
       f.write(f"L_{i},{t[i]},{terms[i]:.9g},{result['x0_mse'][i]:.9g},{result['eps_mse'][i]:.9g},"
               f"{rate[i]:.9g},{dist[i]:.9g}\n")
-  png_path = figures.plot_bpd_terms(os.path.join(outdir, f"bpd_terms_step{step}.png"), terms,
+  png_path = figures.plot_bpd_terms(os.path.join(outdir, f"{name}_terms.png"), terms,
                                     result["prior_bpd"], result["x0_mse"], title=title)
   return {"csv": csv_path, "png": png_path}

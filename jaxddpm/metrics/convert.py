@@ -6,8 +6,9 @@ torch is not needed: a torch checkpoint is a pickle whose tensors reference raw 
 zip archive (`<prefix>/data.pkl` + `<prefix>/data/<key>`, torch >= 1.6) or, in the legacy format, as a
 stream of pickles (magic number, protocol, sys info, the object, the storage keys) followed by each
 storage as an int64 element count and raw little-endian bytes. The reader below resolves only the few
-globals a state dict needs (OrderedDict, tensor rebuild functions, storage types) and refuses any other,
-so loading an untrusted file cannot execute code.
+globals a state dict needs (OrderedDict, tensor rebuild functions, storage types) and refuses any other;
+every pickle of both formats (the legacy stream's header, object and key list included) goes through it,
+so loading an untrusted file cannot execute code. A refused or malformed file is a ValueError (exit 2).
 
 Layout mapping (torch -> Flax):
   <m>.conv.weight [O, I, kh, kw]  -> params/<m>/conv/kernel [kh, kw, I, O]
@@ -26,7 +27,7 @@ import zipfile
 
 import numpy as np
 
-__all__ = ["read_torch_state_dict", "torch_to_flax", "convert", "main"]
+__all__ = ["Refused", "read_torch_state_dict", "torch_to_flax", "convert", "main"]
 
 _STORAGE_DTYPES = {
   "DoubleStorage": np.float64, "FloatStorage": np.float32, "HalfStorage": np.float16,
@@ -36,10 +37,14 @@ _STORAGE_DTYPES = {
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 
 
+class Refused(pickle.UnpicklingError):
+  """The file asks the unpickler for something a state dict does not need (its code is never run)."""
+
+
 class _StorageType:
   def __init__(self, name):
     if name not in _STORAGE_DTYPES:
-      raise pickle.UnpicklingError(f"unsupported torch storage type torch.{name}")
+      raise Refused(f"unsupported torch storage type torch.{name}")
     self.dtype = np.dtype(_STORAGE_DTYPES[name])
 
 
@@ -93,7 +98,10 @@ _GLOBALS = {
 
 
 class _Unpickler(pickle.Unpickler):
-  def __init__(self, file, persistent_load):
+  """Builds only plain containers, numbers, strings and the globals in `_GLOBALS` (plus torch storage
+  types); persistent ids (tensor storages) go to `persistent_load`, or are refused when it is None."""
+
+  def __init__(self, file, persistent_load=None):
     super().__init__(file)
     self._persistent_load = persistent_load
 
@@ -102,10 +110,17 @@ class _Unpickler(pickle.Unpickler):
       return _GLOBALS[(module, name)]
     if module == "torch" and name.endswith("Storage"):
       return _StorageType(name)
-    raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: not part of a torch state dict")
+    raise Refused(f"refusing to load global {module}.{name}: not part of a torch state dict")
 
   def persistent_load(self, pid):
+    if self._persistent_load is None:
+      raise Refused("refusing a persistent id outside the state dict's pickle")
     return self._persistent_load(pid)
+
+
+def _load(f, persistent_load=None):
+  """One pickle from the binary file f through the restricted unpickler."""
+  return _Unpickler(f, persistent_load).load()
 
 
 def _read_zip(path):
@@ -122,7 +137,7 @@ def _read_zip(path):
 
     def load(pid):
       if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        raise Refused(f"refusing persistent id {repr(pid)[:100]}")
       _, stype, key, _location, numel = pid[:5]
       if key not in storages:
         dtype = stype.dtype.newbyteorder("<" if order == "little" else ">")
@@ -132,28 +147,30 @@ def _read_zip(path):
         storages[key] = st
       return storages[key]
 
-    return _Unpickler(io.BytesIO(z.read(pkl[0])), load).load()
+    return _load(io.BytesIO(z.read(pkl[0])), load)
 
 
 def _read_legacy(path):
   with open(path, "rb") as f:
     try:
-      magic = pickle.load(f)
-    except Exception as e:
+      magic = _load(f)
+    except Refused:
+      raise
+    except Exception as e:  # noqa: BLE001  (any garbage: not a pickle)
       raise ValueError(f"{path!r} is neither a zip nor a legacy torch checkpoint ({e})") from e
     if magic != _LEGACY_MAGIC:
       raise ValueError(f"{path!r}: bad magic number, not a torch checkpoint")
-    protocol = pickle.load(f)
+    protocol = _load(f)
     if protocol != 1001:
       raise ValueError(f"{path!r}: unsupported legacy torch protocol {protocol}")
-    sys_info = pickle.load(f)
+    sys_info = _load(f)
     if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
       raise ValueError(f"{path!r}: big-endian legacy checkpoints are not supported")
     storages = {}
 
     def load(pid):
       if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-        raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        raise Refused(f"refusing persistent id {repr(pid)[:100]}")
       _, stype, key, _location, numel, view = pid[:6]
       if key not in storages:
         storages[key] = _Storage(stype.dtype, numel)
@@ -164,8 +181,8 @@ def _read_legacy(path):
       v.base, v.offset = storages[key], offset
       return v
 
-    obj = _Unpickler(f, load).load()
-    keys = pickle.load(f)
+    obj = _load(f, load)
+    keys = _load(f)
     for key in keys:
       st = storages[key]
       (numel,) = struct.unpack("<q", f.read(8))
@@ -176,22 +193,38 @@ def _read_legacy(path):
   return obj
 
 
+# What malformed bytes make the readers raise besides ValueError: reported as "not a torch checkpoint".
+_MALFORMED = (EOFError, struct.error, KeyError, IndexError, TypeError, AttributeError, OverflowError,
+              UnicodeDecodeError, zipfile.BadZipFile, zipfile.LargeZipFile)
+
+
 def read_torch_state_dict(path):
-  """Read a torch state dict file (zip or legacy format) without torch: {name: np.ndarray}."""
+  """Read a torch state dict file (zip or legacy format) without torch: {name: np.ndarray}.
+
+  Raises FileNotFoundError, `Refused` (a pickle.UnpicklingError: a global or persistent id a state dict
+  does not use; nothing of the file is executed) or ValueError (anything else wrong with the file).
+  """
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"torch weight file not found: {path!r}")
-  obj = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
-  if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-    obj = obj["state_dict"]
-  if not isinstance(obj, dict):
-    raise ValueError(f"{path!r} does not hold a state dict (got {type(obj).__name__})")
-  out = {}
-  for k, v in obj.items():
-    if isinstance(v, _Tensor):
-      out[k] = v.numpy()
-    elif isinstance(v, (int, float)):
-      out[k] = np.asarray(v)
+  try:
+    obj = _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+      obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+      raise ValueError(f"{path!r} does not hold a state dict (got {type(obj).__name__})")
+    out = {}
+    for k, v in obj.items():
+      if isinstance(v, _Tensor):
+        out[k] = v.numpy()
+      elif isinstance(v, (int, float)):
+        out[k] = np.asarray(v)
+  except Refused as e:
+    raise Refused(f"{path!r} refused: {e}") from None
+  except (pickle.UnpicklingError, ValueError, *_MALFORMED) as e:
+    if isinstance(e, ValueError) and repr(path) in str(e):
+      raise
+    raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {e})") from None
   return out
 
 
@@ -254,6 +287,7 @@ def convert(src, dst):
 
 
 def main(argv=None):
+  """`python -m jaxddpm.metrics.convert SRC DST`: 0 on success, 2 (and one `error:` line) on bad input."""
   argv = sys.argv[1:] if argv is None else argv
   if len(argv) != 2 or argv[0] in ("-h", "--help"):
     print("usage: python -m jaxddpm.metrics.convert SRC.pth DST.npz\n"
@@ -262,9 +296,9 @@ def main(argv=None):
     return 2
   try:
     n = convert(argv[0], argv[1])
-  except (FileNotFoundError, ValueError, pickle.UnpicklingError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except (OSError, ValueError, pickle.UnpicklingError) as e:  # FileNotFoundError is an OSError
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
+    return 2
   print(f"wrote {n} arrays to {argv[1]}")
   return 0
 

@@ -188,7 +188,7 @@ def fid_report(config, model, sched, params, mesh, image_shape, workdir, *, step
 
   d^2 = |mu_s - mu_r|^2 + Tr(S_s + S_r - 2 (S_s S_r)^{1/2}) on pool3 features (Heusel et al. 2017).
   feature_fn defaults to the FID Inception network of config.eval.inception_weights. Writes
-  WORKDIR/eval/fid_stepN.json ({"metrics", "protocol"}) and returns {"fid", "path", "protocol"}.
+  WORKDIR/eval/<report.sample_tag>_fid.json ({"metrics", "protocol"}) and returns {"fid", "path", "protocol"}.
   """
   e = config.eval
   if feature_fn is None:
@@ -203,7 +203,8 @@ def fid_report(config, model, sched, params, mesh, image_shape, workdir, *, step
                                 ema=bool(e.use_ema), seed=int(e.seed), feature_extractor=feature_extractor,
                                 sampler=report.sampler_description(config),
                                 extra={"dataset": config.data.name, "image_shape": list(image_shape), "step": step})
-  path = os.path.join(report.eval_dir(workdir), f"fid_step{step}.json")
+  tag = report.sample_tag(config, step, seed=e.seed, num_samples=e.fid_num_samples, use_ema=e.use_ema)
+  path = os.path.join(report.eval_dir(workdir), f"{tag}_fid.json")
   if report.is_main():
     fid_stats.save_result(path, {"fid": fid}, protocol)
     print(f"FID ({m.count} samples vs {reference}, step {step}): {fid:.3f}", flush=True)

@@ -1,15 +1,19 @@
-"""What the metric reports of a run share (floor 3): where they are written (WORKDIR/eval), which process
-writes, the progress bar, the model's apply function, the sampler protocol, and how many batches each
-process reads of a split. Used by `metrics.bpd`, `metrics.fid` and `jaxddpm.evaluate`."""
+"""What the metric reports of a run share (floor 3): where they are written (WORKDIR/eval), the names
+every output of a run carries (`sample_tag`), which process writes, the progress bar, the model's apply
+function, the sampler protocol, and how many batches each process reads of a split. Used by
+`metrics.bpd`, `metrics.fid`, `jaxddpm.generate` and `jaxddpm.evaluate`."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 
 import jax
 
 from jaxddpm import data
+from jaxddpm.schedule import space_timesteps
 
 EVAL_DIR = "eval"
 
@@ -45,10 +49,39 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
-def progress(total, desc):
-  """A tqdm bar of `total` batches, shown on process 0 only."""
-  from tqdm import tqdm  # noqa: PLC0415
-  return tqdm(total=total, desc=desc, unit="batch", disable=not is_main(), dynamic_ncols=True, leave=True)
+def progress(total, desc, unit: str = "batch"):
+  """A progress bar of `total` units on process 0 (tqdm on a terminal, a plain line a minute otherwise)."""
+  from jaxddpm import logger  # noqa: PLC0415
+  return logger.progress(total, desc, unit=unit, enabled=is_main())
+
+
+# ------------------------------------------------------------------------------------ output names
+def sampling_steps(config) -> int:
+  """K, the number of network evaluations of config.sample's sampler (all T, or the respaced count)."""
+  T, spec = config.diffusion.num_timesteps, config.sample.timesteps
+  return T if spec is None else len(space_timesteps(T, spec))
+
+
+def sample_tag(config, step: int, *, seed: int, num_samples: int, use_ema: bool = True) -> str:
+  """The name of every output made of samples: step{step:08d}_{method}{K}[_eta{eta}][_noclip][_raw]
+  _seed{seed}_n{num_samples}, e.g. "step00002000_ddim50_seed0_n1000" (K: sampling steps). Two sampling
+  configurations never share a name; the same one always gives the same name."""
+  s = config.sample
+  parts = [f"step{int(step):08d}", f"{s.method}{sampling_steps(config)}"]
+  if s.method == "ddim" and s.eta:
+    parts.append(f"eta{s.eta:g}")
+  if not s.clip_denoised:
+    parts.append("noclip")
+  if not use_ema:
+    parts.append("raw")
+  return "_".join(parts + [f"seed{int(seed)}", f"n{int(num_samples)}"])
+
+
+def config_tag(config, step: int) -> str:
+  """step{step:08d}_{8 hex digits of the config's hash}: the name of a file that depends on the whole
+  configuration (evaluate's results), equal for equal configs."""
+  digest = hashlib.sha256(json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True).encode())
+  return f"step{int(step):08d}_{digest.hexdigest()[:8]}"
 
 
 def eval_num_batches(num_split: int, global_batch: int, num_examples: int | None) -> int:
