@@ -193,6 +193,8 @@ def main(argv) -> int:
   from jaxddpm import workdir_lock  # noqa: PLC0415
   lock = None
   try:
+    from jaxddpm import experiment  # noqa: PLC0415
+    experiment.check_workdir(workdir)  # a file, or not writable: say so before the lock tries to create it
     lock = workdir_lock.for_run(workdir, mode)  # one job per workdir, until this one ends
     if mode == "train":
       from jaxddpm import train  # noqa: PLC0415

@@ -177,6 +177,13 @@ def console_metric(text: str, name: str) -> dict[int, float]:
   return out
 
 
+def iterator_state(step: int, batch_size: int = 16) -> dict:
+  """The data state a checkpoint of configs/test.py (batch 16) holds after `step` steps: the input
+  pipeline's position, step x batch examples into this process's stream."""
+  from jaxddpm import batching  # noqa: PLC0415
+  return {"iterator": {"kind": batching.STATE_KIND, "examples": step * batch_size}}
+
+
 def checkpoint_steps(workdir) -> list[int]:
   """Committed checkpoint steps on disk (integer-named folders)."""
   d = Path(workdir) / "checkpoints"

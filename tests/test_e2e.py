@@ -54,7 +54,7 @@ def test_run_writes_checkpoints_events_and_a_sample_grid(reference):
   assert runner.checkpoint_steps(wd) == list(range(4, STEPS + 1, 4))
   for step in runner.checkpoint_steps(wd):
     d = wd / "checkpoints" / str(step)
-    assert json.loads((d / "data" / "metadata").read_text()) == {"iterator": {"next_index": step}}
+    assert json.loads((d / "data" / "metadata").read_text()) == runner.iterator_state(step)
     meta = json.loads((d / "meta" / "metadata").read_text())
     assert meta["image_shape"] == [8, 8, 1] and meta["dataset"] == "digits"
     assert meta["diffusion"] == {"schedule": "cosine", "num_timesteps": 20, "mean_type": "eps",
