@@ -17,6 +17,12 @@ from jaxddpm.losses import (LOSS_TYPES, T_SAMPLINGS, WEIGHTINGS, calc_bpd_loop,
 __version__ = "0.1.0"
 from jaxddpm.sampling import (METHODS as SAMPLE_METHODS, ddim_sigma, ddim_step, make_sampler, p_sample,
                               resolve_timesteps, sample, sample_batched)
+from jaxddpm.core.process import PROCESSES, Process, make_process
+from jaxddpm.core.diffusion import (OUTPUTS, PathPoint, convert_output, output_from_x0_eps, path_point, posterior,
+                                    q_sample_at, x0_eps_from_output)
+from jaxddpm.core.samplers.base import SamplerConfig, Stepper
+from jaxddpm.core.samplers.engine import STEPPERS, nfe
+from jaxddpm.core.samplers.grids import GRIDS, make_time_grid
 from jaxddpm.models.unet import UNet
 from jaxddpm.models.presets import PRESETS, make_unet, validate_unet_config
 from jaxddpm.training import TrainState, init_train_state, make_optimizer, train_step

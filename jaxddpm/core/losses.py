@@ -1,0 +1,209 @@
+"""Likelihood terms and training losses (floor 1: imports only jax and numpy).
+
+DDPM (Ho et al. 2020) eq. 5 bound L = L_T + sum_{t>1} L_{t-1} + L_0 and eq. 14 L_simple; Improved DDPM
+(Nichol & Dhariwal 2021) L_hybrid; Min-SNR-gamma (Hang et al. 2023) and P2 (Choi et al. 2022) weightings.
+Bits/dim terms are per-example means over all non-batch dimensions divided by log 2.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxddpm.core import diffusion
+from jaxddpm.core.diffusion import MEAN_TYPES, VAR_TYPES, check_choice
+from jaxddpm.core.schedule import Schedule
+
+LOSS_TYPES = ("mse", "kl", "hybrid")
+WEIGHTINGS = ("none", "min_snr", "p2")
+T_SAMPLINGS = ("uniform", "antithetic")
+
+
+def mean_flat(x: jnp.ndarray) -> jnp.ndarray:
+  """Mean over all non-batch dimensions: [B, ...] -> [B]."""
+  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+  """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise in nats (broadcasting):
+
+  0.5 (-1 + logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^(-logvar2)).
+  """
+  try:
+    jnp.broadcast_shapes(*(jnp.shape(a) for a in (mean1, logvar1, mean2, logvar2)))
+  except ValueError:
+    raise ValueError("normal_kl: shapes do not broadcast: "
+                     f"{[jnp.shape(a) for a in (mean1, logvar1, mean2, logvar2)]}") from None
+  # -1 + e^d written as expm1(d): exactly 0 for equal Gaussians, no cancellation when they are close.
+  return 0.5 * (logvar2 - logvar1 + jnp.expm1(logvar1 - logvar2)
+                + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+  """log p(x) for 8-bit data scaled to [-1, 1] under N(means, e^(2 log_scales)) discretized into 256
+  bins of width 2/255 (DDPM eq. 13), the two edge bins open to -inf / +inf. Elementwise, in nats.
+
+  log p = log[Phi((x + 1/255 - mu)/sigma) - Phi((x - 1/255 - mu)/sigma)] for interior bins,
+  log Phi((x + 1/255 - mu)/sigma) at x = -1, log(1 - Phi((x - 1/255 - mu)/sigma)) at x = 1.
+  """
+  try:
+    shape = jnp.broadcast_shapes(jnp.shape(x), jnp.shape(means), jnp.shape(log_scales))
+  except ValueError:
+    raise ValueError("discretized_gaussian_log_likelihood: shapes of x, means, log_scales do not broadcast: "
+                     f"{jnp.shape(x)}, {jnp.shape(means)}, {jnp.shape(log_scales)}") from None
+  del shape
+  centered = x - means
+  inv_stdv = jnp.exp(-log_scales)
+  plus_in = inv_stdv * (centered + 1.0 / 255.0)
+  min_in = inv_stdv * (centered - 1.0 / 255.0)
+  log_cdf_plus = jax.scipy.special.log_ndtr(plus_in)
+  log_one_minus_cdf_min = jax.scipy.special.log_ndtr(-min_in)
+  # log(Phi(b) - Phi(a)) in log space, on the tail side where both CDFs are small (above the mean,
+  # Phi(b) - Phi(a) = Phi(-a) - Phi(-b)): exact in both tails, no float32 cancellation near 1 and no floor.
+  upper = centered > 0
+  log_hi = jax.scipy.special.log_ndtr(jnp.where(upper, -min_in, plus_in))
+  log_lo = jax.scipy.special.log_ndtr(jnp.where(upper, -plus_in, min_in))
+  d = log_lo - log_hi  # < 0
+  log_delta = log_hi + jnp.where(d > -0.693, jnp.log(-jnp.expm1(d)), jnp.log1p(-jnp.exp(d)))
+  return jnp.where(x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def prior_bpd(s: Schedule, x0: jnp.ndarray) -> jnp.ndarray:
+  """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim: x0 [B, ...] -> [B]."""
+  t = jnp.full((x0.shape[0],), s.num_timesteps - 1, dtype=jnp.int32)
+  mean, _, log_var = diffusion.q_mean_variance(s, x0, t)
+  return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / math.log(2.0)
+
+
+def vb_terms_bpd(s: Schedule, model_output, x0, x_t, t, *, mean_type: str = "eps",
+                 var_type: str = "fixed_large", clip_denoised: bool = False):
+  """The bound's term at t in bits/dim: L_{t-1} = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 1,
+  and the decoder L_0 = -log p(x_0 | x_1) (discretized Gaussian) at t = 1 (index 0).
+
+  model_output: [B, ..., C or 2C]; x0, x_t: [B, ..., C]; t int32 [B]. Returns (bpd [B], PMeanVariance).
+  """
+  true_mean, _, true_log_var = diffusion.q_posterior_mean_variance(s, x0, x_t, t)
+  out = diffusion.p_mean_variance(s, model_output, x_t, t, mean_type=mean_type, var_type=var_type,
+                                  clip_denoised=clip_denoised)
+  kl = mean_flat(normal_kl(true_mean, true_log_var, out.mean, out.log_variance)) / math.log(2.0)
+  decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(
+      x0, out.mean, 0.5 * jnp.broadcast_to(out.log_variance, x0.shape))) / math.log(2.0)
+  return jnp.where(jnp.asarray(t) == 0, decoder_nll, kl), out
+
+
+def snr(s: Schedule, t) -> jnp.ndarray:
+  """Signal-to-noise ratio SNR(t) = alphabar_t / (1 - alphabar_t): t [B] -> [B]."""
+  # From the float64-derived square roots: 1 - alphabar_t in float32 would cancel at small t.
+  return jnp.square(s.sqrt_alphas_cumprod[t] / s.sqrt_one_minus_alphas_cumprod[t])
+
+
+def loss_weight(s: Schedule, t, *, mean_type: str, weighting: str = "none", min_snr_gamma: float = 5.0,
+                p2_gamma: float = 1.0, p2_k: float = 1.0) -> jnp.ndarray:
+  """Per-example weight w(t) [B] that multiplies the MSE of the network's own target.
+
+  "none": 1 (L_simple, DDPM eq. 14, for any target). The others are defined on the eps-MSE and carried
+  over to the target's MSE with |eps - eps_hat|^2 = c(t) |target - target_hat|^2, c = 1 (eps),
+  SNR (x0), SNR / (1 + SNR) (v):
+  "min_snr": w_eps = min(SNR, gamma) / SNR (Hang et al. 2023);
+  "p2": w_eps = 1 / (k + SNR)^gamma (Choi et al. 2022).
+  """
+  check_choice("mean_type", mean_type, MEAN_TYPES)
+  check_choice("weighting", weighting, WEIGHTINGS)
+  if weighting == "none":
+    return jnp.ones(jnp.shape(t), jnp.float32)
+  if mean_type == "x_prev":
+    raise ValueError(f"weighting={weighting!r} is defined for mean_type in ('eps', 'x0', 'v'), not 'x_prev'")
+  r = snr(s, t)
+  w_eps = jnp.minimum(r, min_snr_gamma) / r if weighting == "min_snr" else (p2_k + r) ** (-p2_gamma)
+  c = {"eps": jnp.ones_like(r), "x0": r, "v": r / (1.0 + r)}[mean_type]
+  return w_eps * c
+
+
+def sample_timesteps(key, batch_size: int, num_timesteps: int, method: str = "uniform") -> jnp.ndarray:
+  """t ~ Uniform{0, ..., T-1}, int32 [batch_size]. "antithetic" pairs t with T-1-t (halves the variance of
+  the loss estimate for losses monotone in t); for odd batch sizes the last draw is unpaired."""
+  check_choice("method", method, T_SAMPLINGS)
+  for name, value, low in (("num_timesteps", num_timesteps, 1), ("batch_size", batch_size, 0)):
+    if not hasattr(value, "__index__") or isinstance(value, bool) or value < low:
+      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+  if method == "uniform":
+    return jax.random.randint(key, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
+  half = jax.random.randint(key, ((batch_size + 1) // 2,), 0, num_timesteps, dtype=jnp.int32)
+  return jnp.concatenate([half, num_timesteps - 1 - half])[:batch_size]
+
+
+def training_losses(s: Schedule, model_fn: Callable, x0, t, noise, *, mean_type: str = "eps",
+                    var_type: str = "fixed_large", loss_type: str = "mse", weighting: str = "none",
+                    min_snr_gamma: float = 5.0, p2_gamma: float = 1.0, p2_k: float = 1.0) -> dict:
+  """Per-example training losses at timesteps t (x0, noise: [B, H, W, C]; t int32 [B]).
+
+  x_t = q_sample(x0, t, noise); the network sees (x_t, schedule.timesteps[t]).
+  "mse": w(t) |target - f(x_t, t)|^2 averaged over dims (L_simple, DDPM eq. 14; target eps, x0, v, or
+    the posterior mean for x_prev). Needs a fixed variance.
+  "kl": T * L_{t-1}(theta) in bits/dim, an unbiased estimate (over uniform t) of the bound minus L_T.
+  "hybrid" (Improved DDPM): the mse term plus T/1000 * L_{t-1} with the mean stop-gradiented, so only the
+    learned variance gets the bound's gradient (lambda = 0.001 with the bound summed over T steps).
+  Returns {"loss", "mse", "vb"} each [B] (mse / vb are zeros when unused).
+  """
+  check_choice("mean_type", mean_type, MEAN_TYPES)
+  check_choice("var_type", var_type, VAR_TYPES)
+  check_choice("loss_type", loss_type, LOSS_TYPES)
+  check_choice("weighting", weighting, WEIGHTINGS)
+  learned = var_type in ("learned", "learned_range")
+  if loss_type == "mse" and learned:
+    raise ValueError(f"loss_type='mse' gives a learned variance (var_type={var_type!r}) no gradient; use "
+                     "loss_type='hybrid' or 'kl', or a fixed var_type")
+  if loss_type == "hybrid" and not learned:
+    raise ValueError(f"loss_type='hybrid' needs var_type in ('learned', 'learned_range'), got {var_type!r}")
+  x_t = diffusion.q_sample(s, x0, t, noise)
+  model_output = model_fn(x_t, s.timesteps[t])
+  mean_out, var_out = diffusion.split_model_output(model_output, x_t, var_type)
+  T = s.num_timesteps
+  zeros = jnp.zeros((x0.shape[0],), jnp.float32)
+  if loss_type == "kl":
+    vb, _ = vb_terms_bpd(s, model_output, x0, x_t, t, mean_type=mean_type, var_type=var_type)
+    vb = vb * T
+    return {"loss": vb, "mse": zeros, "vb": vb}
+  target = {"eps": lambda: noise, "x0": lambda: x0,
+            "v": lambda: diffusion.v_from_eps_x0(s, x0, t, noise),
+            "x_prev": lambda: diffusion.q_posterior_mean_variance(s, x0, x_t, t)[0]}[mean_type]()
+  w = loss_weight(s, t, mean_type=mean_type, weighting=weighting, min_snr_gamma=min_snr_gamma,
+                  p2_gamma=p2_gamma, p2_k=p2_k)
+  mse = w * mean_flat(jnp.square(target - mean_out.astype(jnp.float32)))
+  if loss_type == "mse":
+    return {"loss": mse, "mse": mse, "vb": zeros}
+  frozen = jnp.concatenate([jax.lax.stop_gradient(mean_out), var_out], axis=-1)
+  vb, _ = vb_terms_bpd(s, frozen, x0, x_t, t, mean_type=mean_type, var_type=var_type)
+  vb = vb * (T / 1000.0)
+  return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+def calc_bpd_loop(s: Schedule, model_fn: Callable, x0, key, *, mean_type: str = "eps",
+                  var_type: str = "fixed_large", clip_denoised: bool = False, example_ids=None) -> dict:
+  """The full variational bound in bits/dim, L_T + sum_t L_{t-1} (DDPM eq. 5), as one `lax.scan` over t.
+
+  x0: [B, H, W, C] data in [-1, 1] (8-bit values); key: PRNG key. The noise of example i at step t is
+  drawn from fold_in(fold_in(key, t), example_ids[i]) (default ids arange(B)), so results do not depend
+  on how a dataset is split into batches or devices.
+  Returns {"total_bpd" [B], "prior_bpd" [B], "vb" [B, T], "x0_mse" [B, T], "mse" [B, T] (eps MSE)}.
+  """
+  B = x0.shape[0]
+  ids = jnp.arange(B, dtype=jnp.uint32) if example_ids is None else jnp.asarray(example_ids, jnp.uint32)
+  if ids.shape != (B,):
+    raise ValueError(f"example_ids must have shape ({B},), got {ids.shape}")
+
+  def body(carry, i):
+    t = jnp.full((B,), i, jnp.int32)
+    k = jax.random.fold_in(key, i)
+    noise = jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(k, j), x0.shape[1:], x0.dtype))(ids)
+    x_t = diffusion.q_sample(s, x0, t, noise)
+    vb, out = vb_terms_bpd(s, model_fn(x_t, s.timesteps[t]), x0, x_t, t, mean_type=mean_type,
+                           var_type=var_type, clip_denoised=clip_denoised)
+    return carry, (vb, mean_flat(jnp.square(out.pred_x0 - x0)), mean_flat(jnp.square(out.pred_eps - noise)))
+
+  _, (vb, x0_mse, mse) = jax.lax.scan(body, None, jnp.arange(s.num_timesteps - 1, -1, -1))
+  vb, x0_mse, mse = (jnp.flip(a, 0).T for a in (vb, x0_mse, mse))  # [B, T], t ascending
+  prior = prior_bpd(s, x0)
+  return {"total_bpd": vb.sum(axis=1) + prior, "prior_bpd": prior, "vb": vb, "x0_mse": x0_mse, "mse": mse}
