@@ -207,3 +207,129 @@ def calc_bpd_loop(s: Schedule, model_fn: Callable, x0, key, *, mean_type: str = 
   vb, x0_mse, mse = (jnp.flip(a, 0).T for a in (vb, x0_mse, mse))  # [B, T], t ascending
   prior = prior_bpd(s, x0)
   return {"total_bpd": vb.sum(axis=1) + prior, "prior_bpd": prior, "vb": vb, "x0_mse": x0_mse, "mse": mse}
+
+
+# ------------------------------------------------------------ continuous time (any Process)
+CONTINUOUS_T_SAMPLINGS = ("uniform", "antithetic", "lognormal", "logit_normal")
+T_EPS = 1e-5  # t ~ U(T_EPS, 1): score_sde's training eps (keeps sigma_t > 0 and lambda_t finite)
+EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
+
+
+def sample_t(process, key, batch_size: int, method: str = "uniform", t_eps: float = T_EPS) -> jnp.ndarray:
+  """Training times t in [t_eps, 1], float32 [batch_size]:
+  uniform: U(t_eps, 1) (score_sde, flow matching); antithetic: t paired with 1 + t_eps - t;
+  lognormal: EDM's ln sigma ~ N(-1.2, 1.2^2) with sigma = e^{-lambda/2}, mapped to t by the inverse
+    log-SNR (Karras et al. 2022, Table 1);
+  logit_normal: t = sigmoid(n), n ~ N(0, 1) (Esser et al. 2024, rectified-flow transformers)."""
+  check_choice("t_sampling", method, CONTINUOUS_T_SAMPLINGS)
+  if method == "uniform":
+    t = jax.random.uniform(key, (batch_size,), jnp.float32, t_eps, 1.0)
+  elif method == "antithetic":
+    half = jax.random.uniform(key, ((batch_size + 1) // 2,), jnp.float32, t_eps, 1.0)
+    t = jnp.concatenate([half, 1.0 + t_eps - half])[:batch_size]
+  elif method == "lognormal":
+    log_sigma = EDM_P_MEAN + EDM_P_STD * jax.random.normal(key, (batch_size,), jnp.float32)
+    t = process.t_from_logsnr(-2.0 * log_sigma)
+  else:
+    t = jax.nn.sigmoid(jax.random.normal(key, (batch_size,), jnp.float32))
+  return jnp.clip(t, t_eps, 1.0)
+
+
+def output_mse_factor(output: str, lam, p: diffusion.PathPoint):
+  """c with |out - out_hat|^2 = c |eps - eps_hat|^2 for the same denoiser error (pointwise):
+  eps 1, x0 e^{-lambda}, v alpha^2 (e^{-lambda} + 1)^2, u (sigma' - alpha' sigma / alpha)^2
+  (= (e^{-lambda/2} + 1)^2 on the flow path), score 1 / sigma^2."""
+  check_choice("output", output, diffusion.OUTPUTS)
+  if output == "eps":
+    return jnp.ones_like(lam)
+  if output == "x0":
+    return jnp.exp(-lam)
+  if output == "v":
+    return jnp.square(p.alpha * (jnp.exp(-lam) + 1.0))
+  if output == "u":
+    return jnp.square(p.d_sigma - p.d_alpha * p.sigma / p.alpha)
+  return 1.0 / jnp.square(p.sigma)
+
+
+def _w_min_snr(lam, p, kw):
+  return jnp.minimum(jnp.exp(lam), kw["min_snr_gamma"]) * jnp.exp(-lam)
+
+
+def _w_p2(lam, p, kw):
+  return (kw["p2_k"] + jnp.exp(lam)) ** (-kw["p2_gamma"])
+
+
+def _w_edm(lam, p, kw):
+  return (jnp.exp(-lam) + EDM_SIGMA_DATA ** 2) / EDM_SIGMA_DATA ** 2
+
+
+# w(lambda) of the eps-MSE (Kingma & Gao 2023, Table 1). "none" is the MSE of the network's own output
+# (w = output_mse_factor): L_simple for eps, flow matching for u, v-MSE for v; "eps", "x0", "v", "flow" give
+# the MSE of that quantity whatever the output (flow: the velocity u = alpha' x + sigma' eps).
+CONTINUOUS_WEIGHTINGS = {
+    "none": None,
+    "eps": lambda lam, p, kw: output_mse_factor("eps", lam, p),
+    "x0": lambda lam, p, kw: output_mse_factor("x0", lam, p),
+    "v": lambda lam, p, kw: output_mse_factor("v", lam, p),
+    "flow": lambda lam, p, kw: output_mse_factor("u", lam, p),
+    "min_snr": _w_min_snr,       # Hang et al. 2023: min(SNR, gamma) / SNR
+    "p2": _w_p2,                 # Choi et al. 2022: 1 / (k + SNR)^gamma
+    "edm": _w_edm,               # Karras et al. 2022: (sigma^2 + sigma_d^2) / sigma_d^2, sigma = e^{-lambda/2}
+}
+
+
+def continuous_losses(process, model_fn: Callable, x0, t, noise, *, output: str = "eps",
+                      weighting: str = "none", min_snr_gamma: float = 5.0, p2_gamma: float = 1.0,
+                      p2_k: float = 1.0) -> dict:
+  """Per-example denoising loss on a continuous process at float times t [B] (x0, noise [B, ...]):
+
+    z_t = alpha_t x + sigma_t eps,  out = f(z_t, net_time(t)),
+    loss = w(lambda_t) |eps - eps_hat|^2 = w(lambda_t) / c(lambda_t) |target - out|^2,
+
+  with target the output type's value for (x, eps), c = `output_mse_factor` and w from
+  CONTINUOUS_WEIGHTINGS (means over the non-batch dims). Returns {"loss", "mse", "vb"} each [B]
+  ("mse": the output's own MSE, "vb": zeros).
+  """
+  check_choice("output", output, diffusion.OUTPUTS)
+  check_choice("weighting", weighting, tuple(CONTINUOUS_WEIGHTINGS))
+  p = diffusion.path_point(process, t, x0, derivatives=True)
+  z = diffusion.q_sample_at(p, x0, noise)
+  out = model_fn(z, process.net_time(t)).astype(jnp.float32)
+  if out.shape != x0.shape:
+    raise ValueError(f"model output has shape {out.shape}; a continuous process needs one like x0 {x0.shape}")
+  target = diffusion.output_from_x0_eps(output, x0, noise, p)
+  mse = mean_flat(jnp.square(target - out))
+  if weighting == "none":
+    loss = mse
+  else:
+    lam = process.logsnr(t)
+    flat = diffusion.PathPoint(*(None if a is None else a.reshape(lam.shape) for a in p))
+    kw = dict(min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma, p2_k=p2_k)
+    loss = CONTINUOUS_WEIGHTINGS[weighting](lam, flat, kw) / output_mse_factor(output, lam, flat) * mse
+  return {"loss": loss, "mse": mse, "vb": jnp.zeros_like(mse)}
+
+
+# ------------------------------------------------------------ the train step's seam: either kind of process
+def sample_time(process, key, batch_size: int, method: str = "uniform") -> jnp.ndarray:
+  """Training times: int32 `sample_timesteps` on the discrete chain, float32 `sample_t` on a process."""
+  if process.is_discrete:
+    return sample_timesteps(key, batch_size, process.num_timesteps, method)
+  return sample_t(process, key, batch_size, method)
+
+
+def process_losses(process, model_fn: Callable, x0, t, noise, *, mean_type: str = "eps",
+                   var_type: str = "fixed_large", loss_type: str = "mse", weighting: str = "none",
+                   min_snr_gamma: float = 5.0, p2_gamma: float = 1.0, p2_k: float = 1.0) -> dict:
+  """`training_losses` on the discrete chain, `continuous_losses` (output = mean_type) on a process."""
+  kw = dict(weighting=weighting, min_snr_gamma=min_snr_gamma, p2_gamma=p2_gamma, p2_k=p2_k)
+  if process.is_discrete:
+    return training_losses(process, model_fn, x0, t, noise, mean_type=mean_type, var_type=var_type,
+                           loss_type=loss_type, **kw)
+  return continuous_losses(process, model_fn, x0, t, noise, output=mean_type, **kw)
+
+
+def time_quartile(process, t) -> jnp.ndarray:
+  """Which quarter of the time range each t [B] falls in (0..3), for per-quartile loss metrics."""
+  if process.is_discrete:
+    return jnp.minimum(4 * t // process.num_timesteps, 3)
+  return jnp.minimum(jnp.floor(4.0 * t), 3.0).astype(jnp.int32)

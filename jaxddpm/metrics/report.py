@@ -17,7 +17,7 @@ EVAL_DIR = "eval"
 def sampler_kwargs(config) -> dict:
   """The sampler options of config.sample / config.diffusion, as `sampling.make_sampler` takes them."""
   s, d = config.sample, config.diffusion
-  return dict(method=s.method, timesteps=s.timesteps, eta=s.eta, mean_type=d.mean_type, var_type=d.var_type,
+  return dict(method=s.method, timesteps=s.timesteps, grid=s.grid, eta=s.eta, mean_type=d.mean_type, var_type=d.var_type,
               clip_denoised=s.clip_denoised)
 
 
@@ -26,6 +26,7 @@ def sampler_description(config) -> dict:
   kw = sampler_kwargs(config)
   kw["num_timesteps"] = config.diffusion.num_timesteps
   kw["schedule"] = config.diffusion.schedule
+  kw["process"] = config.diffusion.process
   return kw
 
 
