@@ -187,7 +187,7 @@ EDM_P_MEAN, EDM_P_STD, EDM_SIGMA_DATA = -1.2, 1.2, 0.5
 
 
 def sample_t(process, key, batch_size: int, method: str = "uniform", t_eps: float = T_EPS) -> jnp.ndarray:
-  """Training times t in [t_eps, 1], float32 [batch_size]:
+  """Training times t in [t_eps, 1), float32 [batch_size]:
   uniform: U(t_eps, 1) (score_sde, flow matching); antithetic: t paired with 1 + t_eps - t;
   lognormal: EDM's ln sigma ~ N(-1.2, 1.2^2) with sigma = e^{-lambda/2}, mapped to t by the inverse
     log-SNR (Karras et al. 2022, Table 1);
@@ -203,7 +203,8 @@ def sample_t(process, key, batch_size: int, method: str = "uniform", t_eps: floa
     t = process.t_from_logsnr(-2.0 * log_sigma)
   else:
     t = jax.nn.sigmoid(jax.random.normal(key, (batch_size,), jnp.float32))
-  return jnp.clip(t, t_eps, 1.0)
+  # below 1: the flow path's alpha_1 = 0 would make the weightings divide by zero
+  return jnp.clip(t, t_eps, jnp.nextafter(jnp.float32(1.0), jnp.float32(0.0)))
 
 
 def output_mse_factor(output: str, lam, p: diffusion.PathPoint):
