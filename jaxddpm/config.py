@@ -15,10 +15,14 @@ import numpy as np
 from ml_collections import config_dict
 
 from jaxddpm import diffusion, losses, schedule
+from jaxddpm.core import process as process_lib
+from jaxddpm.core.samplers import engine as sampler_engine, grids as sampler_grids
 from jaxddpm.models import presets
 
 MAX_INPUT_THREADS_AND_BATCHES = 64  # host threads reading records / batches prepared ahead
-SAMPLE_METHODS = ("ancestral", "ddim")
+SAMPLE_METHODS = sampler_engine.METHODS
+DISCRETE = "ddpm"  # config.diffusion.process of DDPM's discrete chain; any other value names a Process
+DIFFUSION_PROCESSES = (DISCRETE,) + process_lib.PROCESSES
 # config.model.dtype -> the network's compute dtype; "auto" is decided by the backend (resolve_dtype)
 DTYPES = ("auto", "float32", "bfloat16")
 AUTO_DTYPE = {"gpu": "bfloat16", "cuda": "bfloat16", "rocm": "bfloat16", "tpu": "bfloat16", "cpu": "float32"}
@@ -39,7 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
                  dropout=config_dict.placeholder(float), num_heads=config_dict.placeholder(int),
                  use_scale_shift_norm=config_dict.placeholder(bool),
                  resamp_with_conv=config_dict.placeholder(bool), num_groups=config_dict.placeholder(int))
-  c.diffusion = dict(schedule="linear", num_timesteps=1000, mean_type="eps", var_type="fixed_large",
+  # process: "ddpm" (the discrete chain of `schedule` and `num_timesteps`) or a continuous process of
+  # jaxddpm.make_process ("vp", "vp_cosine", "subvp", "ve", "flow"), whose network output is mean_type
+  # (eps, x0, v, u, score) and whose loss is weighting's w(lambda) (see jaxddpm.core.losses)
+  c.diffusion = dict(process=DISCRETE, schedule="linear", num_timesteps=1000, mean_type="eps", var_type="fixed_large",
                      loss_type="mse", weighting="none", t_sampling="uniform", min_snr_gamma=5.0,
                      p2_gamma=1.0, p2_k=1.0)
   c.training = dict(batch_size=128, num_steps=800_000, seed=0, log_every=100, checkpoint_every=10_000,
@@ -50,7 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
                     allow_dataset_change=False)
   c.optim = dict(lr=2e-4, warmup_steps=5000, grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                  ema_decay=0.9999, ema_warmup=True)
+  # timesteps: the discrete chain's respacing spec, or a continuous process's number of steps; grid: the
+  # continuous time grid ("uniform", "logsnr", "edm")
   c.sample = dict(num_samples=64, batch_size=64, method="ancestral", timesteps=config_dict.placeholder(str),
+                  grid="uniform",
                   eta=0.0, clip_denoised=True, seed=0, use_ema=True, grid_cols=8)
   c.eval = dict(num_examples=config_dict.placeholder(int), batch_size=64, seed=0, fid_num_samples=50_000,
                 inception_weights=config_dict.placeholder(str), fid_stats=config_dict.placeholder(str),
@@ -189,19 +199,44 @@ def validate(config, image_shape=None) -> None:
       _fail(f"data.{field}", config.data[field], f"a split of {config.data.name!r}: {splits}")
   _choice(config, "model.preset", sorted(presets.PRESETS))
   _choice(config, "model.dtype", DTYPES)
+  _choice(config, "diffusion.process", DIFFUSION_PROCESSES)
   _choice(config, "diffusion.schedule", schedule.SCHEDULES)
   _positive_int(config, "diffusion.num_timesteps")
-  _choice(config, "diffusion.mean_type", diffusion.MEAN_TYPES)
   _choice(config, "diffusion.var_type", diffusion.VAR_TYPES)
   _choice(config, "diffusion.loss_type", losses.LOSS_TYPES)
-  _choice(config, "diffusion.weighting", losses.WEIGHTINGS)
-  _choice(config, "diffusion.t_sampling", losses.T_SAMPLINGS)
+  if config.diffusion.process == DISCRETE:
+    _choice(config, "diffusion.mean_type", diffusion.MEAN_TYPES)
+    _choice(config, "diffusion.weighting", losses.WEIGHTINGS)
+    _choice(config, "diffusion.t_sampling", losses.T_SAMPLINGS)
+  else:
+    continuous = f"with process={config.diffusion.process!r}"
+    _choice(config, "diffusion.mean_type", diffusion.OUTPUTS)
+    _choice(config, "diffusion.weighting", tuple(losses.CONTINUOUS_WEIGHTINGS))
+    _choice(config, "diffusion.t_sampling", losses.CONTINUOUS_T_SAMPLINGS)
+    if config.diffusion.loss_type != "mse":
+      _fail("diffusion.loss_type", config.diffusion.loss_type, f"'mse' {continuous} (the bound is the discrete chain's)")
+    if config.diffusion.var_type not in ("fixed_small", "fixed_large"):
+      _fail("diffusion.var_type", config.diffusion.var_type, f"'fixed_small' or 'fixed_large' {continuous}")
   _number(config, "diffusion.min_snr_gamma", F32_TINY, F32_MAX, why="min(SNR, gamma) / SNR: gamma > 0 in float32")
   _number(config, "diffusion.p2_gamma", 0.0, F32_MAX)
   _number(config, "diffusion.p2_k", F32_TINY, F32_MAX, why="(k + SNR)^-gamma: k > 0 in float32")
   if config.diffusion.weighting == "p2" and config.diffusion.p2_k ** -config.diffusion.p2_gamma > F32_MAX:
     _fail("diffusion.p2_gamma", config.diffusion.p2_gamma,
           f"a value with p2_k^-p2_gamma <= {F32_MAX:.8g} (the weight at SNR -> 0 is inf in float32)")
+  _choice(config, "sample.grid", sampler_grids.GRIDS)
+  if config.diffusion.process == DISCRETE:
+    if config.sample.method in sampler_engine.CONTINUOUS_ONLY:
+      _fail("sample.method", config.sample.method,
+            f"one of {tuple(m for m in SAMPLE_METHODS if m not in sampler_engine.CONTINUOUS_ONLY)} with "
+            "diffusion.process='ddpm' (set a continuous diffusion.process for the probability-flow ODE)")
+    if config.sample.grid != "uniform":
+      _fail("sample.grid", config.sample.grid, "'uniform' with diffusion.process='ddpm' (respace with "
+            "sample.timesteps)")
+  elif config.sample.timesteps is not None:
+    try:
+      sampler_grids.continuous_steps(config.sample.timesteps)
+    except ValueError:
+      _fail("sample.timesteps", config.sample.timesteps, f"None or a number of steps such as '100' {continuous}")
   learned = config.diffusion.var_type in ("learned", "learned_range")
   if config.diffusion.loss_type == "mse" and learned:
     _fail("diffusion.loss_type", "mse", f"'hybrid' or 'kl' with var_type={config.diffusion.var_type!r}")
@@ -235,13 +270,13 @@ def validate(config, image_shape=None) -> None:
   _number(config, "optim.ema_decay", 0.0, F32_BELOW_ONE, why=below_one)
   _choice(config, "sample.method", SAMPLE_METHODS)
   _number(config, "sample.eta", 0.0, F32_MAX)
-  if config.sample.method == "ancestral" and config.sample.eta != 0.0:
-    _fail("sample.eta", config.sample.eta, "0.0 with sample.method='ancestral' (eta is DDIM's)")
+  if config.sample.method != "ddim" and config.sample.eta != 0.0:
+    _fail("sample.eta", config.sample.eta, f"0.0 with sample.method={config.sample.method!r} (eta is DDIM's)")
   try:
     schedule.beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   except ValueError as e:
     raise ValueError(f"config.diffusion: {e}") from None
-  if config.sample.timesteps is not None:
+  if config.sample.timesteps is not None and config.diffusion.process == DISCRETE:
     try:
       schedule.space_timesteps(config.diffusion.num_timesteps, config.sample.timesteps)
     except ValueError as e:

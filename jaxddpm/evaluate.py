@@ -26,7 +26,8 @@ import os
 import jax
 import numpy as np
 
-from jaxddpm import config as config_lib, data, figures, generate, images, parallel, sampling
+from jaxddpm import config as config_lib, data, figures, generate, images, parallel
+from jaxddpm.core.samplers.grids import make_time_grid
 from jaxddpm.metrics import bpd, classifier as classifier_lib, fid, fid_stats, inception, report
 
 __all__ = [
@@ -53,7 +54,8 @@ def _metrics(config) -> tuple[str, ...]:
     raise ValueError(f"config.eval.metrics = {spec!r} is invalid; allowed: 'auto' or a comma-separated "
                      f"subset of {METRICS}")
   if spec.strip() == "auto":
-    out = ["bpd"]
+    # the bound (bits/dim) is the discrete chain's; a continuous process's exact likelihood is the PF-ODE's
+    out = ["bpd"] if config.diffusion.process == config_lib.DISCRETE else []
     if config.eval.inception_weights:
       out.append("fid")
     elif config.data.name in IN_DOMAIN_DATASETS:
@@ -98,7 +100,7 @@ def validate_eval_config(config) -> tuple[str, ...]:
                      "integer >= 2 (lambda = 0 and 1 at least)")
   positive("interp_timestep", e.interp_timestep, none_ok=True)
   T = config.diffusion.num_timesteps
-  if e.interp_timestep is not None and not 1 <= e.interp_timestep <= T:
+  if e.interp_timestep is not None and config.diffusion.process == config_lib.DISCRETE and not 1 <= e.interp_timestep <= T:
     raise ValueError(f"config.eval.interp_timestep = {e.interp_timestep} is invalid; allowed: an integer in "
                      f"[1, {T}] (the paper's t; None = T // 2)")
   splits = data.DATASETS[config.data.name].splits if config.data.name in data.DATASETS else ()
@@ -112,6 +114,10 @@ def validate_eval_config(config) -> tuple[str, ...]:
     if not isinstance(e[field], bool):
       raise ValueError(f"config.eval.{field} = {e[field]!r} is invalid; allowed: True or False")
   metrics = _metrics(config)
+  if "bpd" in metrics and config.diffusion.process != config_lib.DISCRETE:
+    raise ValueError(f"config.eval.metrics asks for 'bpd', the discrete chain's bound, but diffusion.process = "
+                     f"{config.diffusion.process!r}; allowed with a continuous process: 'fid', 'in_domain', "
+                     "'figures' (or 'auto')")
   if "fid" in metrics and not e.inception_weights:
     raise ValueError("config.eval.metrics asks for 'fid' but config.eval.inception_weights is not set; "
                      f"{inception.WEIGHTS_HELP}")
@@ -270,7 +276,7 @@ def write_figures(config, model, sched, params, mesh, image_shape, workdir, *, s
   """
   e, d = config.eval, config.data
   n = e.figure_num_samples
-  K = sampling.resolve_timesteps(sched, config.sample.timesteps).num_timesteps
+  K = int(make_time_grid(sched, config.sample.timesteps, config.sample.grid)[1].shape[0]) - 1
   every = max(1, math.ceil(K / e.figure_num_snapshots))
   out = generate.sample_uint8(config, model, sched, params, mesh, image_shape, n, seed=e.seed,
                               snapshot_every=every, desc="figures: sampling")
@@ -290,7 +296,7 @@ def write_figures(config, model, sched, params, mesh, image_shape, workdir, *, s
   test_x, _ = read_images(config, d.eval_split, indices=range(min(2 * pairs, _split_size(config, d.eval_split))),
                           image_shape=image_shape)
   pairs = len(test_x) // 2
-  if pairs >= 1:
+  if pairs >= 1 and sched.is_discrete:  # encoding to an entry t and decoding is the discrete chain's figure
     x = images.from_uint8(test_x[:2 * pairs])
     lambdas = np.linspace(0.0, 1.0, e.interp_num_lambdas)
     s = config.sample

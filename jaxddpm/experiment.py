@@ -13,7 +13,17 @@ import numpy as np
 
 from jaxddpm import checkpoint, config as config_lib, data, parallel, training
 from jaxddpm.models.unet import UNet
+from jaxddpm.core.process import make_process
 from jaxddpm.schedule import make_schedule
+
+
+def make_diffusion(config):
+  """The process the config trains and samples: DDPM's discrete `Schedule` (diffusion.process = "ddpm")
+  or the named continuous `Process`."""
+  d = config.diffusion
+  if d.process == config_lib.DISCRETE:
+    return make_schedule(d.schedule, d.num_timesteps)
+  return make_process(d.process)
 
 
 def _model_and_optimizer(config, image_shape):
@@ -28,8 +38,7 @@ def _model_and_optimizer(config, image_shape):
 def build(config, image_shape):
   """(model, schedule, optimizer, learning-rate schedule) of a validated config."""
   model, optimizer, lr_fn = _model_and_optimizer(config, image_shape)
-  sched = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  return model, sched, optimizer, lr_fn
+  return model, make_diffusion(config), optimizer, lr_fn
 
 
 def abstract_state(config, model, optimizer, image_shape):
@@ -44,8 +53,12 @@ def run_meta(config, image_shape, abstract) -> dict:
   shapes = {jax.tree_util.keystr(p): list(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(abstract.params)[0]}
   d = config.diffusion
+  if d.process == config_lib.DISCRETE:  # recorded as before, so older checkpoints stay compatible
+    diffusion = {k: d[k] for k in ("schedule", "num_timesteps", "mean_type", "var_type")}
+  else:
+    diffusion = {k: d[k] for k in ("process", "mean_type")}
   return {"format": 1, "image_shape": list(image_shape), "param_shapes": shapes,
-          "diffusion": {k: d[k] for k in ("schedule", "num_timesteps", "mean_type", "var_type")},
+          "diffusion": diffusion,
           "model": json.loads(config.model.to_json()), "dataset": config.data.name,
           "dataset_split": config.data.split}
 
@@ -80,6 +93,14 @@ def check_compatible(workdir: str, manager, meta: dict, allow_dataset_change: bo
     old = checkpoint.read_meta(manager, step)
     if old is None:
       continue
+    old_process = (old.get("diffusion") or {}).get("process", config_lib.DISCRETE)
+    new_process = meta["diffusion"].get("process", config_lib.DISCRETE)
+    if old_process != new_process:
+      raise ValueError(
+          f"workdir {workdir} holds checkpoints (step {step}) trained with diffusion.process={old_process!r}, "
+          f"but this config has diffusion.process={new_process!r}: sample and evaluate it with "
+          f"--config.diffusion.process={old_process} (and the config it was trained with), or use another "
+          "--workdir; nothing was changed.")
     diffs = [d for key in MODEL_FIELDS for d in differences(old.get(key), meta[key], key)]
     if diffs:
       raise ValueError(
@@ -163,5 +184,5 @@ def prepare(config, workdir: str):
   # read-only: refusing a workdir (or sampling from a live one) must not change it; train opens its own
   manager = checkpoint.make_manager(workdir, keep=config.training.keep_checkpoints, read_only=True)
   check_compatible(workdir, manager, meta, allow_dataset_change=config.training.allow_dataset_change)
-  sched = make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)  # the first device arrays
+  sched = make_diffusion(config)  # the first device arrays
   return image_shape, mesh, model, sched, optimizer, lr_fn, abstract, meta, manager

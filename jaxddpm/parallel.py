@@ -161,3 +161,113 @@ def gather_batch(tree):
     return jax.device_get(tree)
   from jax.experimental import multihost_utils
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+# ------------------------------------------------------------- sharded sampling (the sampler's device code)
+import functools  # noqa: E402  (kept with the code that uses it)
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_sampler(apply_fn, shape, cfg, mesh: Mesh):
+  """The jitted (params, process, grid, key, sample_offset) -> dict for a padded batch `shape` over mesh."""
+  from jaxddpm.core.samplers import engine  # noqa: PLC0415
+
+  def fn(params, process, grid, key, sample_offset):
+    return engine.run_chain(lambda x, t: apply_fn(params, x, t), process, grid, key, None, sample_offset, shape,
+                            cfg, sharding=mesh)
+  return jax.jit(fn)
+
+
+def make_sampler(apply_fn, schedule, shape, *, method: str = "ancestral", timesteps=None, grid: str = "uniform",
+                 eta: float = 0.0, mean_type: str = "eps", var_type: str = "fixed_large",
+                 clip_denoised: bool = True, snapshot_every: int | None = None, mesh: Mesh | None = None):
+  """A compiled sampler for one batch, sharded over a 1-D ("data",) mesh: sampler(params, key,
+  sample_offset=0) -> the dict of `jaxddpm.sample` for samples sample_offset .. sample_offset + B - 1.
+
+  The batch is padded up to a multiple of the mesh size (extra samples are generated and dropped);
+  params, schedule (or process), time grid and key are replicated (NamedSharding(mesh, P())), the batch
+  is sharded (P("data")). The jitted program is built once per (apply_fn, shape, config, mesh) and
+  cached, and compiled once per parameter shapes; key and sample_offset are traced.
+
+  Args:
+    apply_fn: (params, x_t [B', ...], t [B']) -> output, e.g.
+      ``lambda p, x, t: unet.apply({"params": p}, x, t)``. Hashed by identity.
+    schedule: the discrete `Schedule` or a continuous `Process`.
+    shape, method, timesteps, grid, eta, mean_type, var_type, clip_denoised, snapshot_every: as in
+      `jaxddpm.sample` (timesteps respaced / the grid built here, once).
+    mesh: a jax.sharding.Mesh with the single axis "data" (default: all devices).
+  Returns:
+    sampler, with attributes ``jitted`` (the jax.jit function of (params, process, grid, key,
+    sample_offset) on the padded batch), ``schedule`` (the respaced schedule, or the process), ``grid``,
+    ``padded_shape``, ``nfe`` (network calls per sample) and ``place`` (puts its arguments on the mesh,
+    replicated), so ``sampler.jitted.lower(*sampler.place(params, key, 0))`` gives the compiled program.
+  """
+  import numbers  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from jaxddpm.core.samplers import engine, grids  # noqa: PLC0415
+  cfg = engine.make_config(method, eta, mean_type, var_type, clip_denoised, snapshot_every, schedule)
+  shape = engine.check_shape(shape)
+  if not callable(apply_fn):
+    raise ValueError(f"apply_fn must be callable (params, x_t, t) -> output, got {apply_fn!r}")
+  mesh = data_mesh() if mesh is None else mesh
+  if not isinstance(mesh, Mesh) or tuple(mesh.axis_names) != ("data",):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh with axis_names ('data',), got {mesh!r}")
+  process, time_grid = grids.make_time_grid(schedule, timesteps, grid)
+  n = mesh.size
+  B = shape[0]
+  padded = (-(-B // n) * n,) + shape[1:]
+  jitted = _sharded_sampler(apply_fn, padded, cfg, mesh)
+
+  def place(params, key, sample_offset=0):
+    if isinstance(sample_offset, numbers.Integral) and sample_offset < 0:
+      raise ValueError(f"sample_offset must be >= 0, got {sample_offset}")
+    args = (params, process, time_grid, key, jnp.asarray(sample_offset, jnp.int32))
+    return jax.device_put(args, replicated(mesh))
+
+  def sampler(params, key, sample_offset=0) -> dict:
+    out = jitted(*place(params, key, sample_offset))
+    if padded[0] != B:
+      out = {k: (v if k == "snapshot_timesteps" else v[:B] if k == "samples" else v[:, :B])
+             for k, v in out.items()}
+    return out
+
+  sampler.jitted = jitted
+  sampler.schedule = process
+  sampler.grid = time_grid
+  sampler.padded_shape = padded
+  sampler.nfe = engine.nfe(cfg.method, int(time_grid.shape[0]) - 1, process)
+  sampler.place = place
+  return sampler
+
+
+def sample_batched(apply_fn, params, schedule, shape, key, *, batch_size: int | None = None,
+                   mesh: Mesh | None = None, sample_offset: int = 0, **kwargs) -> dict:
+  """shape[0] samples in batches of batch_size on a device mesh; returns host numpy arrays.
+
+  Batch b holds global sample indices sample_offset + b * batch_size + [0, batch_size); every batch has
+  the same shape (the last one is padded, and padding to the mesh size too), so the program compiles
+  once, and the result is identical for any batch_size or mesh (each sample's noise comes from its global
+  index). kwargs: method, timesteps, grid, eta, mean_type, var_type, clip_denoised, snapshot_every (see
+  `jaxddpm.sample`). Returns the dict of `sample` with N = shape[0] samples (snapshots [S, N, ...]).
+  """
+  import numbers  # noqa: PLC0415
+  from jaxddpm.core.samplers import engine  # noqa: PLC0415
+  shape = engine.check_shape(shape)
+  N = shape[0]
+  batch_size = N if batch_size is None else batch_size
+  if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+  if isinstance(sample_offset, bool) or not isinstance(sample_offset, numbers.Integral) or sample_offset < 0:
+    raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
+  batch_size = min(int(batch_size), N)
+  sampler = make_sampler(apply_fn, schedule, (batch_size,) + shape[1:], mesh=mesh, **kwargs)
+  pieces = []
+  for start in range(0, N, batch_size):
+    pieces.append(gather_batch(sampler(params, key, sample_offset + start)))
+  keep = lambda a, axis: np.concatenate(a, axis=axis)
+  result = {"samples": keep([p["samples"] for p in pieces], 0)[:N]}
+  if "pred_x0_snapshots" in pieces[0]:
+    result["pred_x0_snapshots"] = keep([p["pred_x0_snapshots"] for p in pieces], 1)[:, :N]
+    result["x_t_snapshots"] = keep([p["x_t_snapshots"] for p in pieces], 1)[:, :N]
+    result["snapshot_timesteps"] = np.asarray(pieces[0]["snapshot_timesteps"])
+  return result

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxddpm import losses, parallel
+from jaxddpm.core.process import Process
 from jaxddpm.schedule import Schedule
 
 
@@ -155,14 +156,14 @@ GUARDS = {"auto": guard_auto, "select": guard_select, "branch": guard_branch}
 
 
 def train_step(state: TrainState, batch: dict, *, model, optimizer: optax.GradientTransformation,
-               schedule: Schedule, mean_type: str, var_type: str, loss_type: str, weighting: str = "none",
+               schedule: Schedule | Process, mean_type: str, var_type: str, loss_type: str, weighting: str = "none",
                t_sampling: str = "uniform", min_snr_gamma: float = 5.0, p2_gamma: float = 1.0,
                p2_k: float = 1.0, ema: float = 0.9999, ema_warmup: bool = True,
                learning_rate: Callable | None = None, guard: str = "auto"):
-  """One update: t ~ U{0..T-1}, eps ~ N(0, I), loss = mean_b training_losses(x_0, t, eps), Adam step,
-  EMA update. A step whose loss, gradient norm, new parameters or new optimizer state is not finite is
-  skipped (params, optimizer state and EMA keep their values) and counted; `guard` (GUARDS) only says
-  how the skip is compiled.
+  """One update: t ~ U{0..T-1} (or float t on a continuous `Process`, chosen by the process),
+  eps ~ N(0, I), loss = mean_b process_losses(x_0, t, eps), Adam step, EMA update. A step whose loss,
+  gradient norm, new parameters or new optimizer state is not finite is skipped (params, optimizer state
+  and EMA keep their values) and counted; `guard` (GUARDS) only says how the skip is compiled.
 
   batch: {"image": float32 [B, H, W, C] in [-1, 1]}. Returns (new state, metrics dict of scalars).
   The random numbers depend only on (state.rng, state.step), never on the device layout.
@@ -171,14 +172,14 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer: optax.Gradie
   B = x0.shape[0]
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   t_key, noise_key, dropout_key = jax.random.split(key, 3)
-  t = losses.sample_timesteps(t_key, B, schedule.num_timesteps, t_sampling)
+  t = losses.sample_time(schedule, t_key, B, t_sampling)  # int32 entries, or float t on a Process
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
 
   def loss_fn(params):
     model_fn = lambda x, tt: model.apply({"params": params}, x, tt, train=True, rngs={"dropout": dropout_key})
-    terms = losses.training_losses(schedule, model_fn, x0, t, noise, mean_type=mean_type, var_type=var_type,
-                                   loss_type=loss_type, weighting=weighting, min_snr_gamma=min_snr_gamma,
-                                   p2_gamma=p2_gamma, p2_k=p2_k)
+    terms = losses.process_losses(schedule, model_fn, x0, t, noise, mean_type=mean_type, var_type=var_type,
+                                  loss_type=loss_type, weighting=weighting, min_snr_gamma=min_snr_gamma,
+                                  p2_gamma=p2_gamma, p2_k=p2_k)
     return jnp.mean(terms["loss"]), terms
 
   (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -192,8 +193,7 @@ def train_step(state: TrainState, batch: dict, *, model, optimizer: optax.Gradie
       step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
       nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1))
-  T = schedule.num_timesteps
-  quartile = jnp.minimum(4 * t // T, 3)
+  quartile = losses.time_quartile(schedule, t)
   metrics = {"loss": loss, "mse": jnp.mean(terms["mse"]), "vb": jnp.mean(terms["vb"]),
              "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
              "nonfinite_total": new_state.nonfinite_total.astype(jnp.float32)}

@@ -13,6 +13,7 @@ import os
 import jax
 
 from jaxddpm import data
+from jaxddpm.core.samplers import grids
 from jaxddpm.schedule import space_timesteps
 
 EVAL_DIR = "eval"
@@ -21,7 +22,7 @@ EVAL_DIR = "eval"
 def sampler_kwargs(config) -> dict:
   """The sampler options of config.sample / config.diffusion, as `sampling.make_sampler` takes them."""
   s, d = config.sample, config.diffusion
-  return dict(method=s.method, timesteps=s.timesteps, eta=s.eta, mean_type=d.mean_type, var_type=d.var_type,
+  return dict(method=s.method, timesteps=s.timesteps, grid=s.grid, eta=s.eta, mean_type=d.mean_type, var_type=d.var_type,
               clip_denoised=s.clip_denoised)
 
 
@@ -30,6 +31,7 @@ def sampler_description(config) -> dict:
   kw = sampler_kwargs(config)
   kw["num_timesteps"] = config.diffusion.num_timesteps
   kw["schedule"] = config.diffusion.schedule
+  kw["process"] = config.diffusion.process
   return kw
 
 
@@ -57,17 +59,22 @@ def progress(total, desc, unit: str = "batch"):
 
 # ------------------------------------------------------------------------------------ output names
 def sampling_steps(config) -> int:
-  """K, the number of network evaluations of config.sample's sampler (all T, or the respaced count)."""
+  """K, the number of steps of config.sample's sampler: on the discrete chain all T or the respaced
+  count; on a continuous process sample.timesteps (default grids.DEFAULT_STEPS)."""
   T, spec = config.diffusion.num_timesteps, config.sample.timesteps
+  if config.diffusion.process != "ddpm":
+    return grids.DEFAULT_STEPS if spec is None else grids.continuous_steps(spec)
   return T if spec is None else len(space_timesteps(T, spec))
 
 
 def sample_tag(config, step: int, *, seed: int, num_samples: int, use_ema: bool = True) -> str:
-  """The name of every output made of samples: step{step:08d}_{method}{K}[_eta{eta}][_noclip][_raw]
+  """The name of every output made of samples: step{step:08d}_{method}{K}[_{grid}][_eta{eta}][_noclip][_raw]
   _seed{seed}_n{num_samples}, e.g. "step00002000_ddim50_seed0_n1000" (K: sampling steps). Two sampling
   configurations never share a name; the same one always gives the same name."""
   s = config.sample
   parts = [f"step{int(step):08d}", f"{s.method}{sampling_steps(config)}"]
+  if s.grid != "uniform":
+    parts.append(s.grid)
   if s.method == "ddim" and s.eta:
     parts.append(f"eta{s.eta:g}")
   if not s.clip_denoised:
