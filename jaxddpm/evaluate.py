@@ -257,7 +257,7 @@ def write_figures(config, model, sched, params, mesh, image_shape, workdir, *, s
   """
   e, d = config.eval, config.data
   n = e.figure_num_samples
-  K = int(make_time_grid(sched, config.sample.timesteps, config.sample.grid)[1].shape[0]) - 1
+  K = int(make_time_grid(sched, config_lib.sample_timesteps(config), config.sample.grid)[1].shape[0]) - 1
   every = max(1, math.ceil(K / e.figure_num_snapshots))
   out = generate.sample_uint8(config, model, sched, params, mesh, image_shape, n, seed=e.seed,
                               snapshot_every=every)

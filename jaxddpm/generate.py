@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from jaxddpm import checkpoint, experiment, images, parallel, sampling
+from jaxddpm import checkpoint, config as config_lib, experiment, images, parallel, sampling
 from jaxddpm.metrics import report
 
 
@@ -25,7 +25,8 @@ def sample_uint8(config, model, sched, params, mesh, image_shape, num_samples: i
   key = jax.random.PRNGKey(s.seed if seed is None else seed)
   out = sampling.sample_batched(
       report.apply_fn(model), params, sched, shape, key, batch_size=min(s.batch_size, num_samples), mesh=mesh,
-      method=s.method, timesteps=s.timesteps, grid=s.grid, eta=s.eta, mean_type=config.diffusion.mean_type,
+      method=s.method, timesteps=config_lib.sample_timesteps(config), grid=s.grid, eta=s.eta,
+      options=config_lib.sampler_options(config), mean_type=config.diffusion.mean_type,
       var_type=config.diffusion.var_type, clip_denoised=s.clip_denoised, snapshot_every=snapshot_every)
   out["samples"] = np.asarray(images.to_uint8(out["samples"]))
   return out

@@ -204,3 +204,26 @@ def test_bad_options_raise_before_tracing(process, kw, match):
   with pytest.raises(ValueError, match=match):
     sampling.sample(model, process, (2, 1, 1, 2), KEY, timesteps=4, **kw)
   assert not calls
+
+
+def test_config_selects_method_steps_and_options():
+  from jaxddpm import config as config_lib
+  c = config_lib.base_config()
+  c.data.name = "digits"
+  c.data.image_size = 8
+  c.sample.method, c.sample.steps = "dpm_solver_pp", 20
+  config_lib.validate(c)
+  assert config_lib.sample_timesteps(c) == "20" and config_lib.sampler_options(c) == {}
+  c.sample.method, c.diffusion.process, c.diffusion.var_type = "pc", "vp", "fixed_small"
+  c.sample.pc_corrector_steps = 2
+  config_lib.validate(c)
+  assert config_lib.sampler_options(c) == {"snr": 0.16, "corrector_steps": 2}
+  for field, value, match in (("steps", 0, "sample.steps"), ("pc_snr", -1.0, "snr"),
+                              ("s_churn", 1.0, "sample.s_churn"), ("timesteps", "10", "sample.steps")):
+    bad = config_lib.base_config()
+    bad.update_from_flattened_dict({"data.name": "digits", "data.image_size": 8, "sample.method": "pc",
+                                    "diffusion.process": "vp", "diffusion.var_type": "fixed_small",
+                                    "sample.steps": 20})
+    bad.sample[field] = value
+    with pytest.raises(ValueError, match=match):
+      config_lib.validate(bad)

@@ -16,8 +16,10 @@ EVAL_DIR = "eval"
 
 def sampler_kwargs(config) -> dict:
   """The sampler options of config.sample / config.diffusion, as `sampling.make_sampler` takes them."""
+  from jaxddpm import config as config_lib  # noqa: PLC0415
   s, d = config.sample, config.diffusion
-  return dict(method=s.method, timesteps=s.timesteps, grid=s.grid, eta=s.eta, mean_type=d.mean_type, var_type=d.var_type,
+  return dict(method=s.method, timesteps=config_lib.sample_timesteps(config), grid=s.grid,
+              options=config_lib.sampler_options(config), eta=s.eta, mean_type=d.mean_type, var_type=d.var_type,
               clip_denoised=s.clip_denoised)
 
 
