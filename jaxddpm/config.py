@@ -70,7 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
                 # figures: samples in the grid, snapshots of the predicted x0 along the chain, interpolation
                 # pairs / lambdas / the paper's t to encode to (None: T // 2)
                 figure_num_samples=16, figure_num_snapshots=10, interp_num_pairs=4, interp_num_lambdas=11,
-                interp_timestep=config_dict.placeholder(int))
+                interp_timestep=config_dict.placeholder(int),
+                # "ode_bpd": the probability-flow ODE's bits/dim (jaxddpm.core.likelihood): solver "rk4" or "heun",
+                # steps, divergence "hutchinson" (probes "rademacher"/"gaussian") or "exact"
+                ode_solver="rk4", ode_steps=50, ode_divergence="hutchinson", ode_probe="rademacher", ode_num_probes=1,
+                # "nfe_sweep": the in-domain score of these samplers at these network-call budgets (and of
+                # config.sample's sampler), plotted against NFE
+                nfe_sweep_methods="ddim,heun,dpm_solver_pp,dpm_solver_pp_3m", nfe_sweep_nfe="5,10,20,50",
+                nfe_sweep_num_samples=1000)
   # JAX devices the host CPU is split into when it is the platform: 0 = auto, one per core as far as
   # training.batch_size and eval.batch_size divide (parallel.cpu_device_count); ignored when XLA_FLAGS sets
   # --xla_force_host_platform_device_count
