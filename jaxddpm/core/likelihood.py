@@ -5,8 +5,8 @@ data z_{t_eps} = x to z_{t_max}; by the instantaneous change of variables (Chen 
 
   log p_0(x) = log p_prior(z_{t_max}) + int_{t_eps}^{t_max} div_z v(z_t, t) dt,
 
-integrated data -> noise on a fixed grid uniform in t with Heun's method or classical RK4 (one
-`lax.scan`). The divergence is exact (D Jacobian-vector products against the basis vectors, for small
+integrated data -> noise on a fixed grid (uniform in log-SNR by default, uniform in t on request) with
+Heun's method or classical RK4 (one `lax.scan`). The divergence is exact (D Jacobian-vector products against the basis vectors, for small
 D) or Hutchinson's estimator E_n[n^T (dv/dz) n] with Rademacher or Gaussian probes n, fixed along the
 trajectory and keyed by (example id, probe index), so results do not depend on the batch split.
 
@@ -36,6 +36,8 @@ from jaxddpm.core import diffusion
 from jaxddpm.core.diffusion import OUTPUTS, check_choice
 
 SOLVERS = {"heun": 2, "rk4": 4}  # network calls (right-hand-side evaluations) per step
+GRIDS = ("logsnr", "uniform")  # step times uniform in lambda (dense near the data, where v is stiff) or in t
+LOGSNR_CLIP = 20.0
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
 T_EPS = 1e-5  # score_sde's likelihood eps: the data are z at t = T_EPS
@@ -50,6 +52,7 @@ class LikelihoodConfig(NamedTuple):
   num_probes: int = 1
   t_eps: float = T_EPS
   t_max: float = 1.0
+  grid: str = "logsnr"
 
 
 def check_config(**kw) -> LikelihoodConfig:
@@ -59,6 +62,7 @@ def check_config(**kw) -> LikelihoodConfig:
   check_choice("solver", cfg.solver, tuple(SOLVERS))
   check_choice("divergence", cfg.divergence, DIVERGENCES)
   check_choice("probe", cfg.probe, PROBES)
+  check_choice("grid", cfg.grid, GRIDS)
   for name in ("num_steps", "num_probes"):
     v = getattr(cfg, name)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -112,9 +116,10 @@ def ode_logp(model_fn: Callable, process, x, key=None, *, net_time: Callable | N
     net_time: process time -> network time (default process.net_time).
     example_ids: [B] global example indices keying the probes (default arange(B)).
     options: `LikelihoodConfig` fields (mean_type, num_steps, solver, divergence, probe, num_probes,
-      t_eps, t_max).
+      t_eps, t_max, grid).
   Returns:
-    {"logp" [B], "prior_logp" [B], "delta_logp" [B] (the divergence integral), "z_T" [B, ...]}.
+    {"logp" [B], "prior_logp" [B], "delta_logp" [B] (the divergence integral), "z_T" [B, ...], "t_T" (the
+    grid's last time, where the prior is evaluated)}.
   """
   cfg = check_config(**options)
   net_time = process.net_time if net_time is None else net_time
@@ -159,12 +164,27 @@ def ode_logp(model_fn: Callable, process, x, key=None, *, net_time: Callable | N
     v4, d4 = rhs(z + h * v3, s)
     return (z + h / 6.0 * (v1 + 2 * v2 + 2 * v3 + v4), delta + h / 6.0 * (d1 + 2 * d2 + 2 * d3 + d4)), None
 
-  grid = jnp.asarray(np.linspace(cfg.t_eps, cfg.t_max, cfg.num_steps + 1), jnp.float32)
+  grid = time_grid(process, cfg)
   (z_T, delta), _ = jax.lax.scan(step, (x, jnp.zeros((B,), jnp.float32)), (grid[:-1], grid[1:]))
-  std = process.prior_std(cfg.t_max)
+  std = process.prior_std(grid[-1])
   flat = z_T.reshape(B, D)
   prior = -0.5 * jnp.sum(jnp.square(flat / std), axis=-1) - D * (jnp.log(std) + 0.5 * math.log(2 * math.pi))
-  return {"logp": prior + delta, "prior_logp": prior, "delta_logp": delta, "z_T": z_T}
+  return {"logp": prior + delta, "prior_logp": prior, "delta_logp": delta, "z_T": z_T, "t_T": grid[-1]}
+
+
+def time_grid(process, cfg: LikelihoodConfig) -> jnp.ndarray:
+  """[N + 1] float32 times from t_eps up to t_max: uniform in t, or uniform in lambda between lambda(t_eps)
+  and lambda(t_max) (clipped to +-LOGSNR_CLIP; where lambda(t_max) is clipped the grid ends before
+  t_max, and the prior is taken there)."""
+  if cfg.grid == "uniform":
+    return jnp.asarray(np.linspace(cfg.t_eps, cfg.t_max, cfg.num_steps + 1), jnp.float32)
+  lo = jnp.minimum(process.logsnr(cfg.t_eps), LOGSNR_CLIP)
+  hi = jnp.maximum(process.logsnr(cfg.t_max), -LOGSNR_CLIP)
+  lam = lo + (hi - lo) * jnp.arange(cfg.num_steps + 1, dtype=jnp.float32) / cfg.num_steps
+  t = process.t_from_logsnr(lam)
+  t = t.at[0].set(cfg.t_eps)
+  return jnp.where(jnp.arange(cfg.num_steps + 1) == cfg.num_steps,
+                   jnp.where(process.logsnr(cfg.t_max) >= -LOGSNR_CLIP, cfg.t_max, t), t).astype(jnp.float32)
 
 
 def dequantize(x, key, example_ids=None):
