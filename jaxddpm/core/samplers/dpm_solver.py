@@ -12,9 +12,10 @@ previous grid times, with steps h_0 = lambda_t - lambda_{t_1}, h_1 = lambda_{t_1
                    z_s = (sigma_s / sigma_t) z_t - alpha_s phi_1 m_0 + alpha_s phi_2 D1 - alpha_s phi_3 D2,
                    phi_2 = phi_1 / h + 1, phi_3 = phi_2 / h - 1/2.
 
-The order rises with the history: the first step is first order, the second at most second order. The
-final step of the grid (to the data, sigma = 0 where h = +inf and z_s = alpha_s m_0) is first order (the
-"lower-order final step"). The history (m_1, m_2, h_0, h_1 and the number of steps taken) rides in the
+The order rises with the history (the first step is first order, the second at most second order) and
+falls at the end as DPM-Solver's lower_order_final does: step n of N (from 0) uses order
+min(order, n + 1, N - n), so the last step (to the data, sigma = 0, where h = +inf and z_s = alpha_s m_0)
+is first order and 3M's second-to-last second order. The history (m_1, m_2, h_0, h_1 and the number of steps taken) rides in the
 scan-carried state. Only (alpha, sigma) at the grid times are used, so it runs on any process and on the
 discrete DDPM chain (whose last entry -1 is the data). 1 network call per step; deterministic.
 """
@@ -25,7 +26,7 @@ import functools
 import jax.numpy as jnp
 
 from jaxddpm.core import diffusion
-from jaxddpm.core.samplers.base import SamplerConfig, Stepper, denoise, init_state
+from jaxddpm.core.samplers.base import SamplerConfig, Stepper, denoise, init_state, option
 
 
 def half_logsnr(p: diffusion.PathPoint):
@@ -55,6 +56,7 @@ def _init(x_T):
 
 def make(process, cfg: SamplerConfig, order: int = 2) -> Stepper:
   """The DPM-Solver++ stepper of the given order (2: "dpm_solver_pp", 3: "dpm_solver_pp_3m")."""
+  num_steps = option(cfg, "num_steps", 10 ** 9)  # set by the engine: the grid's N
   def step(model_fn, state, t, t_next, key):
     del key
     z = state["x"]
@@ -70,7 +72,7 @@ def make(process, cfg: SamplerConfig, order: int = 2) -> Stepper:
     r0 = state["h0"] / safe_h
     safe_r0 = jnp.where(n >= 1, r0, 1.0)
     z_2 = ratio * z - p_s.alpha * phi_1 * (m0 + (m0 - state["m1"]) / (2.0 * safe_r0))
-    use = jnp.where(final, 1, jnp.minimum(n + 1, order))
+    use = jnp.where(final, 1, jnp.minimum(jnp.minimum(n + 1, order), num_steps - n))
     z_s = jnp.where(use >= 2, z_2, z_1)
     if order >= 3:
       r1 = state["h1"] / safe_h
