@@ -183,6 +183,10 @@ def test_nfe_per_method():
                                options={"corrector_steps": 2}).nfe == 30
   for m in ("dpm_solver_pp", "dpm_solver_pp_3m", "euler_maruyama"):
     assert engine.nfe(m, 10, vp) == 10
+  from jaxddpm.metrics import nfe_sweep  # the sweep's steps for a budget: the most that fit
+  assert nfe_sweep.steps_for_budget("heun", 10, vp) == 5          # 9 calls; 6 steps would make 11
+  assert nfe_sweep.steps_for_budget("pc", 5, vp, (("corrector_steps", 1),)) == 2
+  assert nfe_sweep.steps_for_budget("heun", 0, vp) is None
 
 
 @pytest.mark.parametrize("process,kw,match", [
