@@ -11,10 +11,10 @@ Compile times (of the single model call and of the whole sampler) are reported s
 ratio both in wall time and in process CPU time (the latter is robust to other processes on a shared
 machine). The sampler
 is `jaxddpm.sampling.make_sampler` (jit with NamedSharding over a 1-D ("data",) mesh, here one device)
-and runs every method (ancestral with fixed_large, DDIM eta = 0, DDIM eta = 1 on the discrete chain; the
-continuous-time steppers euler, heun, dpm_solver_pp, dpm_solver_pp_3m, euler_maruyama and pc on the vp
-process over K steps). A method making n network calls over the K steps is compared with n model calls:
-ratio = time(sampler) / (n / K * time(K model calls)). Timings are the best of
+and runs every method (ancestral with fixed_large, DDIM eta = 0, DDIM eta = 1; with --process NAME a
+continuous process of `jaxddpm.make_process` over K uniform steps, where euler (the PF-ODE), heun,
+dpm_solver_pp(_3m), euler_maruyama and pc run too). A method making n network calls over the K steps is
+compared with n model calls: ratio = time(sampler) / (n / K * time(K model calls)). Timings are the best of
 `--repeats` interleaved rounds (each: a few single model calls, then one run of each sampler).
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxddpm import sampling
+from jaxddpm.core.process import make_process
 from jaxddpm.schedule import make_schedule
 
 
@@ -36,8 +37,10 @@ def _parse():
   p.add_argument("--preset", default="small32", help="jaxddpm.models preset")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--steps", type=int, default=50, help="K: the schedule's T (sampling over all of it)")
-  p.add_argument("--methods", default="ancestral,ddim0,ddim1,euler,heun,dpm_solver_pp,dpm_solver_pp_3m,"
-                                      "euler_maruyama,pc")
+  p.add_argument("--methods", default="ancestral,ddim0,ddim1",
+                 help="any of ancestral,ddim0,ddim1,euler,heun,dpm_solver_pp,dpm_solver_pp_3m,euler_maruyama,pc "
+                      "(euler, euler_maruyama and pc need --process other than ddpm)")
+  p.add_argument("--process", default="ddpm", help="'ddpm' (the discrete chain) or a continuous process name")
   p.add_argument("--repeats", type=int, default=5, help="timed repetitions (best is reported)")
   p.add_argument("--json", action="store_true", help="print one JSON line of results at the end")
   return p.parse_args()
@@ -62,33 +65,33 @@ def main():
   apply_fn, params, hwc, n_params = _model(args.preset)
   shape = (args.batch,) + hwc
   K = args.steps
-  schedule = make_schedule("linear", K)
+  discrete = args.process == "ddpm"
+  schedule = make_schedule("linear", K) if discrete else make_process(args.process)
+  steps_kw = {} if discrete else {"timesteps": K}
   key = jax.random.key(0)
   print(f"jax {jax.__version__}, devices {jax.devices()}, preset {args.preset} ({n_params:,} params), "
-        f"batch {args.batch}, image {hwc}, K = {K} steps")
+        f"batch {args.batch}, image {hwc}, K = {K} steps, process {args.process}")
 
   # One jitted model_fn call, with the same replicated placement the sampler uses.
   mesh = sampling.data_mesh()
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   x = jax.device_put(jax.random.normal(jax.random.key(2), shape), rep)
-  t = jax.device_put(jnp.full((args.batch,), K // 2, jnp.int32), rep)
+  t = jax.device_put(jnp.full((args.batch,), K // 2, jnp.int32) if discrete
+                     else jnp.full((args.batch,), 500.0, jnp.float32), rep)
   params = jax.device_put(params, rep)
   t0 = time.perf_counter()
   model_call = jax.jit(apply_fn).lower(params, x, t).compile()
   compile_model = time.perf_counter() - t0
   model_call(params, x, t).block_until_ready()
 
-  from jaxddpm.core.process import make_process  # noqa: PLC0415
-  vp = make_process("vp")
   cfgs = {"ancestral": dict(method="ancestral"), "ddim0": dict(method="ddim", eta=0.0),
           "ddim1": dict(method="ddim", eta=1.0)}
   for m in ("euler", "heun", "dpm_solver_pp", "dpm_solver_pp_3m", "euler_maruyama", "pc"):
-    cfgs[m] = dict(method=m, timesteps=K, grid="logsnr" if m.startswith("dpm") else "uniform",
-                   var_type="fixed_small")
-  process_of = lambda name: vp if "timesteps" in cfgs[name] else schedule
+    cfgs[m] = dict(method=m) if discrete else dict(method=m, var_type="fixed_small")
+  cfgs = {k: dict(v, **steps_kw) for k, v in cfgs.items()}
   samplers, compile_s, nfe = {}, {}, {}
   for name in args.methods.split(","):
-    s = sampling.make_sampler(apply_fn, process_of(name), shape, **cfgs[name])
+    s = sampling.make_sampler(apply_fn, schedule, shape, **cfgs[name])
     nfe[name] = s.nfe
     t0 = time.perf_counter()
     compiled = s.jitted.lower(*s.place(params, key, 0)).compile()
@@ -117,7 +120,7 @@ def main():
   t_model = t_block / K
   print(f"model_fn call: {1e3 * t_model[0]:.2f} ms wall, {1e3 * t_model[1]:.2f} ms CPU (mean over K calls); "
         f"best single call {1e3 * t_single[0]:.2f} ms wall; compile {compile_model:.2f} s")
-  results = {"preset": args.preset, "batch": args.batch, "steps": K, "params": n_params,
+  results = {"process": args.process, "preset": args.preset, "batch": args.batch, "steps": K, "params": n_params,
              "model_ms": 1e3 * t_model[0], "model_cpu_ms": 1e3 * t_model[1],
              "model_best_single_ms": 1e3 * t_single[0], "model_compile_s": compile_model}
   for name in samplers:
@@ -132,7 +135,7 @@ def main():
   # Small absolute times, best of many runs: robust on a busy machine. implied ratio = 1 + overhead / model.
   free = lambda p, x, t: x * p
   for name in samplers:
-    s = sampling.make_sampler(free, process_of(name), shape, **cfgs[name])
+    s = sampling.make_sampler(free, schedule, shape, **cfgs[name])
     placed = s.place(jnp.float32(0.5), key, 0)
     jax.block_until_ready(s.jitted(*placed))
     total = min(timed(lambda: jax.block_until_ready(s.jitted(*placed)))[0] for _ in range(5 * args.repeats))

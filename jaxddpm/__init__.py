@@ -1,7 +1,8 @@
 """jaxddpm: denoising diffusion probabilistic models in JAX.
 
-The public API: pure functions of a `Schedule` pytree and arrays (DDPM, Improved DDPM, DDIM), the
-samplers, the UNet, and the training/evaluation building blocks. Research code imports only these names.
+The public API: pure functions of a `Schedule` or `Process` pytree and arrays (DDPM, Improved DDPM, DDIM,
+score SDEs, flow matching), the samplers, the UNet, and the training/evaluation building blocks. Research
+code imports only these names.
 """
 from jaxddpm.schedule import (SCHEDULES, Schedule, beta_schedule, make_schedule, respace,
                               schedule_from_betas, space_timesteps)
@@ -20,6 +21,8 @@ from jaxddpm.sampling import (METHODS as SAMPLE_METHODS, ddim_sigma, ddim_step, 
 from jaxddpm.core.process import PROCESSES, Process, make_process
 from jaxddpm.core.diffusion import (OUTPUTS, PathPoint, convert_output, output_from_x0_eps, path_point, posterior,
                                     q_sample_at, x0_eps_from_output)
+from jaxddpm.core.losses import (CONTINUOUS_T_SAMPLINGS, CONTINUOUS_WEIGHTINGS, continuous_losses,
+                                 output_mse_factor, sample_t)
 from jaxddpm.core.samplers.base import SamplerConfig, Stepper
 from jaxddpm.core.samplers.engine import STEPPERS, nfe
 from jaxddpm.core.samplers.grids import GRIDS, make_time_grid

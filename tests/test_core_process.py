@@ -69,19 +69,19 @@ def test_closed_forms(name):
   np.testing.assert_allclose(p.t_from_logsnr(jnp.asarray(np.log(a ** 2 / s ** 2), jnp.float32)), T,
                              rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(p.net_time(t32), 1000 * T, rtol=1e-6)
-  # a pytree: jit, vmap and grad go through it
-  lam = jax.jit(lambda q, t: q.logsnr(t))(p, t32)
-  np.testing.assert_allclose(lam, p.logsnr(t32), rtol=1e-5, atol=1e-5)
-  dlam = jax.vmap(jax.grad(lambda t: p.logsnr(t)))(t32)
-  np.testing.assert_allclose(dlam, 2 * (da / a - ds / s), rtol=2e-3, atol=1e-3)
+  if name == "vp":  # a pytree: jit, vmap and grad go through it (one process: compiles cost test time)
+    lam = jax.jit(lambda q, t: q.logsnr(t))(p, t32)
+    np.testing.assert_allclose(lam, p.logsnr(t32), rtol=1e-5, atol=1e-5)
+    dlam = jax.vmap(jax.grad(lambda t: p.logsnr(t)))(t32)
+    np.testing.assert_allclose(dlam, 2 * (da / a - ds / s), rtol=2e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve", "vp_cosine"])
 def test_sde_marginals_match_euler_maruyama(name):
-  """z_0 ~ q(z_0 | x) then dz = f z dt + g dw with 1000 Euler-Maruyama steps (float64 numpy, 20000
+  """z_0 ~ q(z_0 | x) then dz = f z dt + g dw with 1000 Euler-Maruyama steps (float64 numpy, 10000
   paths): mean and std at t = 0.5 and 0.9 are alpha_t x and sigma_t within Monte Carlo error."""
   p = jaxddpm.make_process(name)
-  x, n_paths, n_steps = 0.8, 20000, 1000
+  x, n_paths, n_steps = 0.8, 10000, 1000
   rng = np.random.default_rng(0)
   ts = np.linspace(0.0, 1.0, n_steps + 1)
   f, g = (np.asarray(v, np.float64) for v in p.sde(jnp.asarray(ts[:-1] + 0.5 / n_steps, jnp.float32)))

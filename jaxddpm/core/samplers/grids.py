@@ -12,6 +12,7 @@ Log-SNR ranges are clipped to [-LOGSNR_CLIP, LOGSNR_CLIP] where a process reache
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax
@@ -28,8 +29,10 @@ EDM_SIGMA_MIN = 0.002
 DEFAULT_STEPS = 100  # continuous processes, when timesteps is None
 
 
+@functools.partial(jax.jit, static_argnames=("num_steps", "t_max"))
 def uniform_grid(process, num_steps: int, t_max: float = 1.0) -> jnp.ndarray:
   """[N + 1] float32: t_i = t_max (1 - i / N), from t_max to 0."""
+  del process
   return jnp.asarray(np.linspace(t_max, 0.0, num_steps + 1), jnp.float32)
 
 
@@ -39,6 +42,7 @@ def _logsnr_range(process, t_max):
   return lo, hi
 
 
+@functools.partial(jax.jit, static_argnames=("num_steps", "t_max"))
 def logsnr_grid(process, num_steps: int, t_max: float = 1.0) -> jnp.ndarray:
   """[N + 1] float32: N times uniform in lambda from lambda(t_max) to lambda(t_eps), then 0."""
   lo, hi = _logsnr_range(process, t_max)
@@ -46,6 +50,7 @@ def logsnr_grid(process, num_steps: int, t_max: float = 1.0) -> jnp.ndarray:
   return jnp.append(process.t_from_logsnr(lam), 0.0).astype(jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames=("num_steps", "t_max", "rho"))
 def edm_grid(process, num_steps: int, t_max: float = 1.0, rho: float = EDM_RHO) -> jnp.ndarray:
   """[N + 1] float32: EDM's rho-spaced sigmas (eq. 5) mapped to process time, then 0."""
   lo, hi = _logsnr_range(process, t_max)
