@@ -29,3 +29,4 @@ from jaxddpm.core.samplers.grids import GRIDS, make_time_grid
 from jaxddpm.models.unet import UNet
 from jaxddpm.models.presets import PRESETS, make_unet, validate_unet_config
 from jaxddpm.training import TrainState, init_train_state, make_optimizer, train_step
+from jaxddpm.core.likelihood import ddpm_continuous_limit, dequantize, ode_bpd, ode_logp

@@ -16,7 +16,7 @@ from ml_collections import config_dict
 
 from jaxddpm import diffusion, losses, schedule
 from jaxddpm.core import process as process_lib
-from jaxddpm.core.samplers import engine as sampler_engine, grids as sampler_grids
+from jaxddpm.core.samplers import engine as sampler_engine, grids as sampler_grids, options as sampler_options_lib
 from jaxddpm.models import presets
 
 MAX_INPUT_THREADS_AND_BATCHES = 64  # host threads reading records / batches prepared ahead
@@ -59,8 +59,12 @@ def base_config() -> ml_collections.ConfigDict:
                  ema_decay=0.9999, ema_warmup=True)
   # timesteps: the discrete chain's respacing spec, or a continuous process's number of steps; grid: the
   # continuous time grid ("uniform", "logsnr", "edm")
+  # steps: the number of sampler steps, shorthand for timesteps=str(steps) (set one of the two); the
+  # stepper options: EDM's churn of method "heun" (s_churn, s_tmin, s_tmax, s_noise) and the Langevin
+  # corrector of method "pc" (pc_snr, pc_corrector_steps)
   c.sample = dict(num_samples=64, batch_size=64, method="ancestral", timesteps=config_dict.placeholder(str),
-                  grid="uniform",
+                  grid="uniform", steps=config_dict.placeholder(int),
+                  s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, pc_snr=0.16, pc_corrector_steps=1,
                   eta=0.0, clip_denoised=True, seed=0, use_ema=True, grid_cols=8)
   c.eval = dict(num_examples=config_dict.placeholder(int), batch_size=64, seed=0, fid_num_samples=50_000,
                 inception_weights=config_dict.placeholder(str), fid_stats=config_dict.placeholder(str),
@@ -79,7 +83,14 @@ def base_config() -> ml_collections.ConfigDict:
                 # figures: samples in the grid, snapshots of the predicted x0 along the chain, interpolation
                 # pairs / lambdas / the paper's t to encode to (None: T // 2)
                 figure_num_samples=16, figure_num_snapshots=10, interp_num_pairs=4, interp_num_lambdas=11,
-                interp_timestep=config_dict.placeholder(int))
+                interp_timestep=config_dict.placeholder(int),
+                # "ode_bpd": the probability-flow ODE's bits/dim (jaxddpm.core.likelihood): solver "rk4" or "heun",
+                # steps, divergence "hutchinson" (probes "rademacher"/"gaussian") or "exact"
+                ode_solver="rk4", ode_steps=50, ode_divergence="hutchinson", ode_probe="rademacher", ode_num_probes=1,
+                # "nfe_sweep": the in-domain score of these samplers at these network-call budgets (and of
+                # config.sample's sampler), plotted against NFE
+                nfe_sweep_methods="ddim,heun,dpm_solver_pp,dpm_solver_pp_3m", nfe_sweep_nfe="5,10,20,50",
+                nfe_sweep_num_samples=1000)
   # JAX devices the host CPU is split into when it is the platform: 0 = auto, one per core as far as
   # training.batch_size and eval.batch_size divide (parallel.cpu_device_count); ignored when XLA_FLAGS sets
   # --xla_force_host_platform_device_count
@@ -175,6 +186,22 @@ def _number(config, field, lo, hi, lo_open=False, hi_open=False, why=""):
                                                  "(not 0 or inf in float32)"))
 
 
+def sample_timesteps(config):
+  """config.sample's timesteps spec: str(sample.steps) when steps is set, else sample.timesteps."""
+  s = config.sample
+  return s.timesteps if s.steps is None else str(s.steps)
+
+
+# config.sample field -> stepper option, per method (see jaxddpm.core.samplers.options)
+SAMPLER_OPTION_FIELDS = {"heun": {"s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_noise": "s_noise"},
+                         "pc": {"pc_snr": "snr", "pc_corrector_steps": "corrector_steps"}}
+
+
+def sampler_options(config) -> dict:
+  """The stepper options of config.sample's method (an empty dict for methods without options)."""
+  return {opt: config.sample[field] for field, opt in SAMPLER_OPTION_FIELDS.get(config.sample.method, {}).items()}
+
+
 def validate(config, image_shape=None) -> None:
   """Checks every field of a run config (nothing is traced or compiled). image_shape (H, W, C) of the
   dataset, when known, is checked against the model: size divisible by its downsampling, attention
@@ -224,6 +251,12 @@ def validate(config, image_shape=None) -> None:
     _fail("diffusion.p2_gamma", config.diffusion.p2_gamma,
           f"a value with p2_k^-p2_gamma <= {F32_MAX:.8g} (the weight at SNR -> 0 is inf in float32)")
   _choice(config, "sample.grid", sampler_grids.GRIDS)
+  if config.sample.steps is not None:
+    _positive_int(config, "sample.steps")
+    if config.sample.timesteps is not None:
+      _fail("sample.steps", config.sample.steps, f"None when sample.timesteps is set ({config.sample.timesteps!r}); "
+            "set one of the two")
+
   if config.diffusion.process == DISCRETE:
     if config.sample.method in sampler_engine.CONTINUOUS_ONLY:
       _fail("sample.method", config.sample.method,
@@ -232,9 +265,9 @@ def validate(config, image_shape=None) -> None:
     if config.sample.grid != "uniform":
       _fail("sample.grid", config.sample.grid, "'uniform' with diffusion.process='ddpm' (respace with "
             "sample.timesteps)")
-  elif config.sample.timesteps is not None:
+  elif sample_timesteps(config) is not None:
     try:
-      sampler_grids.continuous_steps(config.sample.timesteps)
+      sampler_grids.continuous_steps(sample_timesteps(config))
     except ValueError:
       _fail("sample.timesteps", config.sample.timesteps, f"None or a number of steps such as '100' {continuous}")
   learned = config.diffusion.var_type in ("learned", "learned_range")
@@ -269,6 +302,17 @@ def validate(config, image_shape=None) -> None:
   _number(config, "optim.weight_decay", 0.0, 1.0)
   _number(config, "optim.ema_decay", 0.0, F32_BELOW_ONE, why=below_one)
   _choice(config, "sample.method", SAMPLE_METHODS)
+  defaults = base_config().sample
+  for method, fields in SAMPLER_OPTION_FIELDS.items():
+    for field in fields:
+      if config.sample.method != method and config.sample[field] != defaults[field]:
+        _fail(f"sample.{field}", config.sample[field], f"{defaults[field]!r} with sample.method="
+              f"{config.sample.method!r} (it is an option of method {method!r})")
+  try:
+    sampler_options_lib.check_options(config.sample.method, sampler_options(config),
+                                      config.diffusion.process == DISCRETE, config.diffusion.mean_type)
+  except ValueError as e:
+    raise ValueError(f"config.sample: {e}") from None
   _number(config, "sample.eta", 0.0, F32_MAX)
   if config.sample.method != "ddim" and config.sample.eta != 0.0:
     _fail("sample.eta", config.sample.eta, f"0.0 with sample.method={config.sample.method!r} (eta is DDIM's)")
@@ -276,9 +320,9 @@ def validate(config, image_shape=None) -> None:
     schedule.beta_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   except ValueError as e:
     raise ValueError(f"config.diffusion: {e}") from None
-  if config.sample.timesteps is not None and config.diffusion.process == DISCRETE:
+  if sample_timesteps(config) is not None and config.diffusion.process == DISCRETE:
     try:
-      schedule.space_timesteps(config.diffusion.num_timesteps, config.sample.timesteps)
+      schedule.space_timesteps(config.diffusion.num_timesteps, sample_timesteps(config))
     except ValueError as e:
       raise ValueError(f"config.sample.timesteps: {e}") from None
   from jaxddpm import evaluate  # noqa: PLC0415  (evaluate imports this module)

@@ -41,7 +41,7 @@ __all__ = [
   "run",
 ]
 
-METRICS = ("bpd", "fid", "in_domain", "figures")
+METRICS = ("bpd", "fid", "in_domain", "figures", "ode_bpd", "nfe_sweep")  # the last two only on request
 IN_DOMAIN_DATASETS = ("digits", "mnist5k")
 
 
@@ -121,7 +121,18 @@ def validate_eval_config(config) -> tuple[str, ...]:
   if "fid" in metrics and not e.inception_weights:
     raise ValueError("config.eval.metrics asks for 'fid' but config.eval.inception_weights is not set; "
                      f"{inception.WEIGHTS_HELP}")
-  if "in_domain" in metrics and config.data.name not in IN_DOMAIN_DATASETS:
+  if "ode_bpd" in metrics:
+    from jaxddpm import solver_reports  # noqa: PLC0415
+    solver_reports.check_ode_config(config)
+  if "nfe_sweep" in metrics:
+    from jaxddpm.metrics import nfe_sweep  # noqa: PLC0415
+    for m in nfe_sweep.parse_list(e.nfe_sweep_methods, str, "nfe_sweep_methods"):
+      if m not in config_lib.SAMPLE_METHODS:
+        raise ValueError(f"config.eval.nfe_sweep_methods names {m!r}; allowed: {config_lib.SAMPLE_METHODS}")
+    if min(nfe_sweep.parse_list(e.nfe_sweep_nfe, int, "nfe_sweep_nfe")) < 1:
+      raise ValueError(f"config.eval.nfe_sweep_nfe = {e.nfe_sweep_nfe!r} is invalid; allowed: integers >= 1")
+    positive("nfe_sweep_num_samples", e.nfe_sweep_num_samples)
+  if ("in_domain" in metrics or "nfe_sweep" in metrics) and config.data.name not in IN_DOMAIN_DATASETS:
     raise ValueError(f"config.eval.metrics asks for 'in_domain', which exists only for the built-in datasets "
                      f"{IN_DOMAIN_DATASETS}, not {config.data.name!r}; use 'fid'")
   return metrics
@@ -276,7 +287,7 @@ def write_figures(config, model, sched, params, mesh, image_shape, workdir, *, s
   """
   e, d = config.eval, config.data
   n = e.figure_num_samples
-  K = int(make_time_grid(sched, config.sample.timesteps, config.sample.grid)[1].shape[0]) - 1
+  K = int(make_time_grid(sched, config_lib.sample_timesteps(config), config.sample.grid)[1].shape[0]) - 1
   every = max(1, math.ceil(K / e.figure_num_snapshots))
   out = generate.sample_uint8(config, model, sched, params, mesh, image_shape, n, seed=e.seed,
                               snapshot_every=every, desc="figures: sampling")
@@ -355,6 +366,12 @@ def run(config, workdir: str) -> dict:
                                 feature_fn=feature_fn)
   if "in_domain" in metrics:
     results["in_domain"] = in_domain_report(config, model, sched, params, mesh, image_shape, workdir, step=step)
+  if "ode_bpd" in metrics:
+    from jaxddpm import solver_reports  # noqa: PLC0415
+    results["ode_bpd"] = solver_reports.run_ode_bpd(config, model, sched, params, mesh, workdir, step)
+  if "nfe_sweep" in metrics:
+    from jaxddpm import solver_reports  # noqa: PLC0415
+    results["nfe_sweep"] = solver_reports.run_nfe_sweep(config, model, sched, params, mesh, image_shape, workdir, step)
   if "figures" in metrics:
     results["figures"] = write_figures(config, model, sched, params, mesh, image_shape, workdir, step=step)
   if "fid" not in metrics and "in_domain" not in metrics and report.is_main():

@@ -180,7 +180,8 @@ def _sharded_sampler(apply_fn, shape, cfg, mesh: Mesh):
 
 def make_sampler(apply_fn, schedule, shape, *, method: str = "ancestral", timesteps=None, grid: str = "uniform",
                  eta: float = 0.0, mean_type: str = "eps", var_type: str = "fixed_large",
-                 clip_denoised: bool = True, snapshot_every: int | None = None, mesh: Mesh | None = None):
+                 clip_denoised: bool = True, snapshot_every: int | None = None, mesh: Mesh | None = None,
+                 options=None):
   """A compiled sampler for one batch, sharded over a 1-D ("data",) mesh: sampler(params, key,
   sample_offset=0) -> the dict of `jaxddpm.sample` for samples sample_offset .. sample_offset + B - 1.
 
@@ -193,7 +194,7 @@ def make_sampler(apply_fn, schedule, shape, *, method: str = "ancestral", timest
     apply_fn: (params, x_t [B', ...], t [B']) -> output, e.g.
       ``lambda p, x, t: unet.apply({"params": p}, x, t)``. Hashed by identity.
     schedule: the discrete `Schedule` or a continuous `Process`.
-    shape, method, timesteps, grid, eta, mean_type, var_type, clip_denoised, snapshot_every: as in
+    shape, method, timesteps, grid, eta, mean_type, var_type, clip_denoised, snapshot_every, options: as in
       `jaxddpm.sample` (timesteps respaced / the grid built here, once).
     mesh: a jax.sharding.Mesh with the single axis "data" (default: all devices).
   Returns:
@@ -205,7 +206,7 @@ def make_sampler(apply_fn, schedule, shape, *, method: str = "ancestral", timest
   import numbers  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from jaxddpm.core.samplers import engine, grids  # noqa: PLC0415
-  cfg = engine.make_config(method, eta, mean_type, var_type, clip_denoised, snapshot_every, schedule)
+  cfg = engine.make_config(method, eta, mean_type, var_type, clip_denoised, snapshot_every, schedule, options)
   shape = engine.check_shape(shape)
   if not callable(apply_fn):
     raise ValueError(f"apply_fn must be callable (params, x_t, t) -> output, got {apply_fn!r}")
@@ -235,7 +236,7 @@ def make_sampler(apply_fn, schedule, shape, *, method: str = "ancestral", timest
   sampler.schedule = process
   sampler.grid = time_grid
   sampler.padded_shape = padded
-  sampler.nfe = engine.nfe(cfg.method, int(time_grid.shape[0]) - 1, process)
+  sampler.nfe = engine.nfe(cfg.method, int(time_grid.shape[0]) - 1, process, cfg.options)
   sampler.place = place
   return sampler
 
@@ -247,7 +248,7 @@ def sample_batched(apply_fn, params, schedule, shape, key, *, batch_size: int | 
   Batch b holds global sample indices sample_offset + b * batch_size + [0, batch_size); every batch has
   the same shape (the last one is padded, and padding to the mesh size too), so the program compiles
   once, and the result is identical for any batch_size or mesh (each sample's noise comes from its global
-  index). kwargs: method, timesteps, grid, eta, mean_type, var_type, clip_denoised, snapshot_every (see
+  index). kwargs: method, timesteps, grid, eta, mean_type, var_type, clip_denoised, snapshot_every, options (see
   `jaxddpm.sample`). Returns the dict of `sample` with N = shape[0] samples (snapshots [S, N, ...]).
   """
   import numbers  # noqa: PLC0415

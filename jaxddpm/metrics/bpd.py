@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jaxddpm import figures, losses, parallel
 from jaxddpm.metrics import report
 
-__all__ = ["make_bpd_step", "bpd_over_split", "write_bpd_outputs"]
+__all__ = ["make_bpd_step", "bpd_over_split", "write_bpd_outputs", "make_ode_bpd_step", "ode_bpd_over_split"]
 
 _SUM_KEYS = ("count", "total", "total_sq", "prior", "vb", "x0_mse", "mse")
 
@@ -102,7 +102,7 @@ def bpd_over_split(apply_fn, params, schedule, batches, *, mesh: Mesh, key, mean
   mean = acc["total"] / n
   var = max(acc["total_sq"] / n - mean * mean, 0.0) * n / max(n - 1, 1)
   return {"bpd": float(mean), "bpd_stderr": float(math.sqrt(var / n)), "prior_bpd": float(acc["prior"] / n),
-          "num_examples": int(round(n)), "terms_bpd": acc["vb"] / n, "x0_mse": acc["x0_mse"] / n,
+          "num_examples": int(round(float(n))), "terms_bpd": acc["vb"] / n, "x0_mse": acc["x0_mse"] / n,
           "eps_mse": acc["mse"] / n}
 
 
@@ -131,3 +131,61 @@ def write_bpd_outputs(result: dict, outdir: str, step: int, title: str | None = 
   png_path = figures.plot_bpd_terms(os.path.join(outdir, f"{name}_terms.png"), terms,
                                     result["prior_bpd"], result["x0_mse"], title=title)
   return {"csv": csv_path, "png": png_path}
+
+
+# ---------------------------------------------------- the probability-flow ODE's bits/dim (core/likelihood)
+@functools.lru_cache(maxsize=32)
+def make_ode_bpd_step(apply_fn, mesh: Mesh, net_time, **options):
+  """The per-batch PF-ODE bits/dim, jitted once: step(params, process, batch, key) -> masked sums
+  {count, total, total_sq} over the batch (see `likelihood.ode_bpd`; dequantisation and probes keyed by
+  the examples' global index). options: `likelihood.LikelihoodConfig` fields (hashable values)."""
+  from jaxddpm.core import likelihood  # noqa: PLC0415
+  rep = parallel.replicated(mesh)
+
+  def step(params, process, batch, key):
+    out = likelihood.ode_bpd(lambda z, t: apply_fn(params, z, t), process, batch["image"], key, net_time=net_time,
+                             example_ids=batch["index"], **options)
+    w = batch["mask"].astype(jnp.float32)
+    return {"count": w.sum(), "total": (w * out["bpd"]).sum(), "total_sq": (w * out["bpd"] ** 2).sum()}
+
+  return jax.jit(step, out_shardings=rep)
+
+
+def ode_bpd_over_split(apply_fn, params, process, batches, *, mesh: Mesh, key, net_time=None,
+                       num_examples: int | None = None, num_batches: int | None = None, progress: bool = True,
+                       **options) -> dict:
+  """Bits/dim of a split by the PF-ODE (Song et al. 2021, uniform dequantisation): the mean over examples,
+  its standard error and the network calls per example. batches, mesh, num_examples, num_batches: as in
+  `bpd_over_split`; process: a continuous process (DDPM: `likelihood.ddpm_continuous_limit`)."""
+  from jaxddpm.core import likelihood  # noqa: PLC0415
+  cfg = likelihood.check_config(**options)
+  step = make_ode_bpd_step(apply_fn, mesh, net_time, **cfg._asdict())
+  rep = parallel.replicated(mesh)
+  params, process, key = jax.device_put((params, process, key), rep)
+  acc = {"count": 0.0, "total": 0.0, "total_sq": 0.0}
+  bar = report.progress(num_batches, "ODE bits/dim") if progress else None
+  try:
+    for i, local in enumerate(batches):
+      if num_batches is not None and i >= num_batches:
+        break
+      mask = np.asarray(local["mask"], bool)
+      index = np.asarray(local["index"], np.int32)
+      if num_examples is not None:
+        mask = mask & (index < num_examples)
+      batch = parallel.global_batch({"image": np.asarray(local["image"], np.float32), "index": index,
+                                     "mask": mask}, mesh)
+      sums = parallel.replicated_to_host(step(params, process, batch, key))
+      acc = {k: acc[k] + float(sums[k]) for k in acc}
+      if bar is not None:
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+  n = acc["count"]
+  if n < 1:
+    raise ValueError("ODE bits/dim: the split yielded no examples (check config.eval.num_examples and the split)")
+  mean = acc["total"] / n
+  var = max(acc["total_sq"] / n - mean * mean, 0.0) * n / max(n - 1, 1)
+  return {"bpd": float(mean), "bpd_stderr": float(math.sqrt(var / n)), "num_examples": int(round(n)),
+          "nfe": likelihood.nfe(cfg), "jvps_per_call": cfg.num_probes if cfg.divergence == "hutchinson" else None,
+          **cfg._asdict()}

@@ -21,8 +21,10 @@ EVAL_DIR = "eval"
 
 def sampler_kwargs(config) -> dict:
   """The sampler options of config.sample / config.diffusion, as `sampling.make_sampler` takes them."""
+  from jaxddpm import config as config_lib  # noqa: PLC0415
   s, d = config.sample, config.diffusion
-  return dict(method=s.method, timesteps=s.timesteps, grid=s.grid, eta=s.eta, mean_type=d.mean_type, var_type=d.var_type,
+  return dict(method=s.method, timesteps=config_lib.sample_timesteps(config), grid=s.grid,
+              options=config_lib.sampler_options(config), eta=s.eta, mean_type=d.mean_type, var_type=d.var_type,
               clip_denoised=s.clip_denoised)
 
 
@@ -61,20 +63,25 @@ def progress(total, desc, unit: str = "batch"):
 def sampling_steps(config) -> int:
   """K, the number of steps of config.sample's sampler: on the discrete chain all T or the respaced
   count; on a continuous process sample.timesteps (default grids.DEFAULT_STEPS)."""
-  T, spec = config.diffusion.num_timesteps, config.sample.timesteps
+  from jaxddpm import config as config_lib  # noqa: PLC0415
+  T, spec = config.diffusion.num_timesteps, config_lib.sample_timesteps(config)
   if config.diffusion.process != "ddpm":
     return grids.DEFAULT_STEPS if spec is None else grids.continuous_steps(spec)
   return T if spec is None else len(space_timesteps(T, spec))
 
 
 def sample_tag(config, step: int, *, seed: int, num_samples: int, use_ema: bool = True) -> str:
-  """The name of every output made of samples: step{step:08d}_{method}{K}[_{grid}][_eta{eta}][_noclip][_raw]
+  """The name of every output made of samples: step{step:08d}_{method}{K}[_{grid}][_{options}][_eta{eta}][_noclip][_raw]
   _seed{seed}_n{num_samples}, e.g. "step00002000_ddim50_seed0_n1000" (K: sampling steps). Two sampling
   configurations never share a name; the same one always gives the same name."""
   s = config.sample
   parts = [f"step{int(step):08d}", f"{s.method}{sampling_steps(config)}"]
   if s.grid != "uniform":
     parts.append(s.grid)
+  from jaxddpm import config as config_lib  # noqa: PLC0415
+  defaults = config_lib.base_config().sample
+  parts += [f"{field.replace('_', '')}{s[field]:g}" for field in config_lib.SAMPLER_OPTION_FIELDS.get(s.method, {})
+            if s[field] != defaults[field]]  # a stepper's options, where not the defaults
   if s.method == "ddim" and s.eta:
     parts.append(f"eta{s.eta:g}")
   if not s.clip_denoised:

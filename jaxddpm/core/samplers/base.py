@@ -7,7 +7,8 @@ a dict pytree carried by the engine's `lax.scan`; it always holds "x" (the curre
 history). ``model_fn(z, t)`` takes the grid's time t (a scalar: a schedule index for the discrete
 chain, process time otherwise) and returns the raw network output; ``key`` is a [B] array of keys, one
 per sample, already folded with (sample index, step), so a stepper draws its noise with `normal` (and
-`jax.random.fold_in` for more than one draw per step). ``nfe`` is the network calls per step.
+`jax.random.fold_in` for more than one draw per step). ``nfe`` is the network calls per step
+(``final_nfe`` those of the last step, when it differs).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class Stepper(NamedTuple):
   init: Callable
   step: Callable
   nfe: int
+  final_nfe: int | None = None  # network calls of the last step when it differs from nfe (Heun's Euler step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,14 @@ class SamplerConfig:
   var_type: str = "fixed_large"
   clip_denoised: bool = True
   snapshot_every: int | None = None
+  # a stepper's own static options as sorted (name, value) pairs (see `option`; engine.STEPPER_OPTIONS
+  # lists each stepper's names and defaults), plus ("num_steps", N) set by the engine
+  options: tuple = ()
+
+
+def option(cfg: SamplerConfig, name: str, default):
+  """The stepper option ``name`` of cfg (``default`` when it is not set)."""
+  return dict(cfg.options).get(name, default)
 
 
 def normal(key, x):

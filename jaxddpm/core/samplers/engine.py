@@ -16,6 +16,7 @@ discrete chain, ``process.net_time(t)`` (float32, 1000 t) for a continuous proce
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 from typing import Callable
@@ -26,20 +27,26 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxddpm.core.diffusion import MEAN_TYPES, OUTPUTS, VAR_TYPES, check_choice, output_channels
-from jaxddpm.core.samplers import ancestral, ddim, euler
+from jaxddpm.core.samplers import ancestral, ddim, dpm_solver, euler, heun, sde
+from jaxddpm.core.samplers.options import check_options
 from jaxddpm.core.samplers.base import SamplerConfig
 from jaxddpm.core.samplers.grids import make_time_grid
 
-STEPPERS = {"ancestral": ancestral.make, "ddim": ddim.make, "euler": euler.make}
+STEPPERS = {"ancestral": ancestral.make, "ddim": ddim.make, "euler": euler.make, "heun": heun.make,
+            "dpm_solver_pp": dpm_solver.make, "dpm_solver_pp_3m": dpm_solver.make_3m,
+            "euler_maruyama": sde.make_euler_maruyama, "pc": sde.make_pc}
 METHODS = tuple(STEPPERS)
-CONTINUOUS_ONLY = ("euler",)  # steppers that need the path's time derivatives
+# steppers that need the path's time derivatives or the SDE's f, g
+CONTINUOUS_ONLY = ("euler", "euler_maruyama", "pc")
 # fold_in tag for x_T; network timesteps and step indices are < 2^31 - 1, so it never collides.
 X_T_TAG = 2 ** 31 - 1
 
 
-def make_config(method, eta, mean_type, var_type, clip_denoised, snapshot_every, process=None) -> SamplerConfig:
+def make_config(method, eta, mean_type, var_type, clip_denoised, snapshot_every, process=None,
+                options=None) -> SamplerConfig:
   """The validated static options (ValueError naming the argument). With a process, also checks that
-  the method and output type fit it: continuous processes take OUTPUTS and fixed variances."""
+  the method and output type fit it: continuous processes take OUTPUTS and fixed variances. options: the
+  stepper's own (a dict, see `options.STEPPER_OPTIONS`)."""
   check_choice("method", method, METHODS)
   discrete = process is None or process.is_discrete
   if discrete and method in CONTINUOUS_ONLY:
@@ -58,8 +65,9 @@ def make_config(method, eta, mean_type, var_type, clip_denoised, snapshot_every,
                                      or not isinstance(snapshot_every, numbers.Integral)
                                      or snapshot_every < 1):
     raise ValueError(f"snapshot_every must be None or an int >= 1, got {snapshot_every!r}")
+  options = check_options(method, options, discrete, mean_type)
   return SamplerConfig(method, float(eta), mean_type, var_type, bool(clip_denoised),
-                       None if snapshot_every is None else int(snapshot_every))
+                       None if snapshot_every is None else int(snapshot_every), options)
 
 
 def check_shape(shape, name="shape") -> tuple[int, ...]:
@@ -73,11 +81,12 @@ def check_shape(shape, name="shape") -> tuple[int, ...]:
   return tuple(int(d) for d in shape)
 
 
-def nfe(method: str, num_steps: int, process=None) -> int:
-  """Network calls (function evaluations) of num_steps steps of `method`: steps x the stepper's nfe."""
+def nfe(method: str, num_steps: int, process=None, options: tuple = ()) -> int:
+  """Network calls (function evaluations) of num_steps steps of `method`: steps x the stepper's nfe
+  (the last step counted with its final_nfe where it has one)."""
   from jaxddpm.core.process import make_process  # noqa: PLC0415
-  return num_steps * STEPPERS[method](make_process("flow") if process is None else process,
-                                      SamplerConfig(method)).nfe
+  s = STEPPERS[method](make_process("flow") if process is None else process, SamplerConfig(method, options=tuple(options)))
+  return num_steps * s.nfe - (0 if s.final_nfe is None or num_steps < 1 else s.nfe - s.final_nfe)
 
 
 def snapshot_indices(num_steps: int, snapshot_every: int | None) -> np.ndarray:
@@ -126,7 +135,7 @@ def run_chain(model_fn: Callable, process, grid, key, x_T, sample_offset, shape,
   S = len(positions)
   slot_of_step = np.full((N,), -1, np.int32)
   slot_of_step[positions] = np.arange(S, dtype=np.int32)
-  stepper = STEPPERS[cfg.method](process, cfg)
+  stepper = STEPPERS[cfg.method](process, dataclasses.replace(cfg, options=cfg.options + (("num_steps", N),)))
   if process.is_discrete:
     tags = process.net_time(grid[:-1]).astype(jnp.int32)
     net_time = lambda t: jnp.full((B,), process.net_time(t), jnp.int32)
@@ -175,13 +184,18 @@ def _sample_jit(process, grid, key, x_T, sample_offset, *, model_fn, shape, cfg)
 
 def sample(model_fn: Callable, schedule, shape, key, *, method: str = "ancestral", timesteps=None,
            grid: str = "uniform", eta: float = 0.0, mean_type: str = "eps", var_type: str = "fixed_large",
-           clip_denoised: bool = True, snapshot_every: int | None = None, x_T=None, sample_offset=0):
+           clip_denoised: bool = True, snapshot_every: int | None = None, x_T=None, sample_offset=0,
+           options=None):
   """Draws x_0 ~ p_theta by running the reverse chain as one `lax.scan` (see the module docstring).
 
   schedule: the discrete `Schedule` or a continuous `Process` (`jaxddpm.make_process`).
   method: a key of STEPPERS: "ancestral" (DDPM Algorithm 2 with the variance of var_type; on a process
     the posterior q(z_s | z_t, x_hat)), "ddim" (DDIM eq. 12 with sigma_t(eta)), "euler" (the
-    probability-flow ODE, continuous processes only).
+    probability-flow ODE, continuous processes only), "heun" (EDM's second-order step, optional churn),
+    "dpm_solver_pp" / "dpm_solver_pp_3m" (DPM-Solver++ 2M / 3M), "euler_maruyama" and "pc" (the reverse
+    SDE; predictor-corrector with Langevin steps; continuous processes only).
+  options: the stepper's own options, a dict: heun {"s_churn", "s_tmin", "s_tmax", "s_noise"} (EDM
+    Alg. 2), pc {"snr", "corrector_steps"} (see `options.STEPPER_OPTIONS`).
   timesteps: discrete chain: respaces the schedule first (see `resolve_timesteps`: None = all its
     entries, an int/str/list spec for `space_timesteps`, or an index array; numpy, before tracing).
     Continuous process: the number of steps N (default 100) of the time grid `grid` ("uniform",
@@ -206,7 +220,7 @@ def sample(model_fn: Callable, schedule, shape, key, *, method: str = "ancestral
     process times for a continuous process).
   Works under an outer `jit` too (then timesteps must be None unless the schedule is concrete).
   """
-  cfg = make_config(method, eta, mean_type, var_type, clip_denoised, snapshot_every, schedule)
+  cfg = make_config(method, eta, mean_type, var_type, clip_denoised, snapshot_every, schedule, options)
   shape = check_shape(shape)
   if not callable(model_fn):
     raise ValueError(f"model_fn must be callable (x_t, t) -> output, got {model_fn!r}")
