@@ -178,6 +178,21 @@ def _sharded_sampler(apply_fn, shape, cfg, mesh: Mesh):
   return jax.jit(fn)
 
 
+@functools.lru_cache(maxsize=64)
+def _sharded_segments(apply_fn, shape, cfg, mesh: Mesh, length: int):
+  """The jitted chain in pieces: start(process, grid, key, sample_offset) -> carry, and
+  steps(params, process, grid, key, sample_offset, carry, first) -> the carry `length` steps later."""
+  from jaxddpm.core.samplers import engine  # noqa: PLC0415
+
+  def start(process, grid, key, sample_offset):
+    return engine.chain_start(process, grid, key, None, sample_offset, shape, cfg, sharding=mesh)
+
+  def steps(params, process, grid, key, sample_offset, carry, first):
+    return engine.chain_steps(lambda x, t: apply_fn(params, x, t), process, grid, key, carry, sample_offset,
+                              shape, cfg, sharding=mesh, first=first, length=length)
+  return jax.jit(start), jax.jit(steps, donate_argnums=(5,))
+
+
 def make_sampler(apply_fn, schedule, shape, *, method: str = "ancestral", timesteps=None, grid: str = "uniform",
                  eta: float = 0.0, mean_type: str = "eps", var_type: str = "fixed_large",
                  clip_denoised: bool = True, snapshot_every: int | None = None, mesh: Mesh | None = None,
@@ -225,13 +240,31 @@ def make_sampler(apply_fn, schedule, shape, *, method: str = "ancestral", timest
     args = (params, process, time_grid, key, jnp.asarray(sample_offset, jnp.int32))
     return jax.device_put(args, replicated(mesh))
 
-  def sampler(params, key, sample_offset=0) -> dict:
-    out = jitted(*place(params, key, sample_offset))
+  def unpad(out):
     if padded[0] != B:
       out = {k: (v if k == "snapshot_timesteps" else v[:B] if k == "samples" else v[:, :B])
              for k, v in out.items()}
     return out
 
+  def sampler(params, key, sample_offset=0) -> dict:
+    return unpad(jitted(*place(params, key, sample_offset)))
+
+  def in_segments(params, key, sample_offset=0, *, max_segments=10, on_segment=None) -> dict:
+    """The same samples as sampler(...), the chain run as at most max_segments jitted pieces of equal
+    length; on_segment(steps_done, num_steps) is called after each (it waits for the piece)."""
+    K = int(time_grid.shape[0]) - 1
+    length = engine.segment_length(K, max_segments)
+    start, steps = _sharded_segments(apply_fn, padded, cfg, mesh, length)
+    params, proc, grid_, key, offset = place(params, key, sample_offset)
+    carry = start(proc, grid_, key, offset)
+    for first in range(0, K, length):
+      carry = steps(params, proc, grid_, key, offset, carry, jnp.asarray(first, jnp.int32))
+      if on_segment is not None:
+        jax.block_until_ready(carry)
+        on_segment(first + length, K)
+    return unpad(engine.chain_result(proc, grid_, carry, cfg))
+
+  sampler.in_segments = in_segments
   sampler.jitted = jitted
   sampler.schedule = process
   sampler.grid = time_grid
@@ -242,14 +275,17 @@ def make_sampler(apply_fn, schedule, shape, *, method: str = "ancestral", timest
 
 
 def sample_batched(apply_fn, params, schedule, shape, key, *, batch_size: int | None = None,
-                   mesh: Mesh | None = None, sample_offset: int = 0, **kwargs) -> dict:
+                   mesh: Mesh | None = None, sample_offset: int = 0, on_steps=None, max_segments: int = 10,
+                   **kwargs) -> dict:
   """shape[0] samples in batches of batch_size on a device mesh; returns host numpy arrays.
 
   Batch b holds global sample indices sample_offset + b * batch_size + [0, batch_size); every batch has
   the same shape (the last one is padded, and padding to the mesh size too), so the program compiles
   once, and the result is identical for any batch_size or mesh (each sample's noise comes from its global
   index). kwargs: method, timesteps, grid, eta, mean_type, var_type, clip_denoised, snapshot_every, options (see
-  `jaxddpm.sample`). Returns the dict of `sample` with N = shape[0] samples (snapshots [S, N, ...]).
+  `jaxddpm.sample`). With on_steps, each batch's chain runs in at most max_segments jitted pieces (the
+  same samples) and on_steps(steps_done, K) reports after each piece (a progress bar).
+  Returns the dict of `sample` with N = shape[0] samples (snapshots [S, N, ...]).
   """
   import numbers  # noqa: PLC0415
   from jaxddpm.core.samplers import engine  # noqa: PLC0415
@@ -264,7 +300,12 @@ def sample_batched(apply_fn, params, schedule, shape, key, *, batch_size: int | 
   sampler = make_sampler(apply_fn, schedule, (batch_size,) + shape[1:], mesh=mesh, **kwargs)
   pieces = []
   for start in range(0, N, batch_size):
-    pieces.append(gather_batch(sampler(params, key, sample_offset + start)))
+    if on_steps is None:
+      out = sampler(params, key, sample_offset + start)
+    else:
+      out = sampler.in_segments(params, key, sample_offset + start, max_segments=max_segments,
+                                on_segment=on_steps)
+    pieces.append(gather_batch(out))
   keep = lambda a, axis: np.concatenate(a, axis=axis)
   result = {"samples": keep([p["samples"] for p in pieces], 0)[:N]}
   if "pred_x0_snapshots" in pieces[0]:

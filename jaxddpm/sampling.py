@@ -12,6 +12,6 @@ from jaxddpm.core.samplers.base import SamplerConfig  # noqa: F401
 from jaxddpm.core.samplers.ddim import check_eta as _check_eta, ddim_sigma, ddim_step  # noqa: F401
 from jaxddpm.core.samplers.engine import (METHODS, X_T_TAG, _check_model_output, check_shape as _check_shape,  # noqa: F401
                                           make_config as _make_config, run_chain, sample,
-                                          sample_keys as _sample_keys, snapshot_indices)
+                                          sample_keys as _sample_keys, segment_length, snapshot_indices)
 from jaxddpm.core.samplers.grids import resolve_timesteps  # noqa: F401
 from jaxddpm.parallel import data_mesh, make_sampler, sample_batched  # noqa: F401

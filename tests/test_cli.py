@@ -282,7 +282,7 @@ def test_a_chain_in_segments_gives_the_same_samples():
   sched = make_schedule("cosine", 20)
   apply_fn = lambda p, x, t: jnp.tanh(x * p["w"] + 0.01 * t[:, None, None, None])
   params, key = {"w": jnp.float32(0.7)}, jax.random.PRNGKey(3)
-  for kw in (dict(method="ancestral", snapshot_every=3),):
+  for kw in (dict(method="ancestral", snapshot_every=3), dict(method="dpm_solver_pp")):  # multistep state too
     whole = sampling.sample_batched(apply_fn, params, sched, (6, 4, 4, 1), key, batch_size=4, **kw)
     calls = []
     parts = sampling.sample_batched(apply_fn, params, sched, (6, 4, 4, 1), key, batch_size=4, max_segments=7,

@@ -115,27 +115,57 @@ def _fold(keys, tag):
   return jax.vmap(lambda k: jax.random.fold_in(k, tag))(keys)
 
 
-def run_chain(model_fn: Callable, process, grid, key, x_T, sample_offset, shape, cfg: SamplerConfig,
-              sharding=None) -> dict:
-  """The scan over grid[0] > ... > grid[-1]; returns the output dict (see `sample`). Traceable.
+def _constrain_fn(sharding):
+  return (lambda a, spec: a) if sharding is None else (
+      lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(sharding, spec)))
 
-  grid: [N + 1] (int32 schedule entries ending in -1 for the discrete chain, float32 process times
-  ending in 0 otherwise); sharding: an optional mesh whose "data" axis the batch is constrained to.
+
+def _slots(N: int, cfg: SamplerConfig):
+  """(snapshot positions [S], snapshot slot of each scan position [N], -1 for none)."""
+  positions = snapshot_indices(N, cfg.snapshot_every)
+  slot_of_step = np.full((N,), -1, np.int32)
+  slot_of_step[positions] = np.arange(len(positions), dtype=np.int32)
+  return positions, slot_of_step
+
+
+def _stepper(process, N: int, cfg: SamplerConfig):
+  return STEPPERS[cfg.method](process, dataclasses.replace(cfg, options=cfg.options + (("num_steps", N),)))
+
+
+def chain_start(process, grid, key, x_T, sample_offset, shape, cfg: SamplerConfig, sharding=None):
+  """The scan carry before the first step: (stepper.init(x_T), snapshot buffers). Traceable.
+
+  x_T: [B, ...] or None for prior_std N(0, I) drawn from fold_in(fold_in(key, i), X_T_TAG).
   """
   B, image_shape = shape[0], shape[1:]
-  constrain = (lambda a, spec: a) if sharding is None else (
-      lambda a, spec: jax.lax.with_sharding_constraint(a, NamedSharding(sharding, spec)))
-  keys = constrain(sample_keys(key, sample_offset, B), P("data"))
+  constrain = _constrain_fn(sharding)
   if x_T is None:
+    keys = constrain(sample_keys(key, sample_offset, B), P("data"))
     scale = 1.0 if process.is_discrete else process.prior_std(grid[0])
     x_T = scale * jax.vmap(lambda k: jax.random.normal(k, image_shape, jnp.float32))(_fold(keys, X_T_TAG))
   x_T = constrain(jnp.asarray(x_T, jnp.float32), P("data"))
   N = grid.shape[0] - 1
-  positions = snapshot_indices(N, cfg.snapshot_every)
-  S = len(positions)
-  slot_of_step = np.full((N,), -1, np.int32)
-  slot_of_step[positions] = np.arange(S, dtype=np.int32)
-  stepper = STEPPERS[cfg.method](process, dataclasses.replace(cfg, options=cfg.options + (("num_steps", N),)))
+  S = len(_slots(N, cfg)[0])
+  snaps0 = ()
+  if S:
+    buf = constrain(jnp.zeros((S,) + tuple(shape), jnp.float32), P(None, "data"))
+    snaps0 = (buf, buf)
+  return _stepper(process, N, cfg).init(x_T), snaps0
+
+
+def chain_steps(model_fn: Callable, process, grid, key, carry, sample_offset, shape, cfg: SamplerConfig,
+                sharding=None, first=0, length: int | None = None):
+  """Scan positions first .. first + length - 1 (position n goes from grid[n] to grid[n + 1]) from
+  `carry`; returns the carry after them. first may be traced, length is static (default: all N).
+  Running the chain in consecutive pieces gives bitwise the samples of one scan. Traceable."""
+  B = shape[0]
+  constrain = _constrain_fn(sharding)
+  keys = constrain(sample_keys(key, sample_offset, B), P("data"))
+  N = grid.shape[0] - 1
+  length = N if length is None else length
+  _, slot_of_step = _slots(N, cfg)
+  S = int((slot_of_step >= 0).sum())
+  stepper = _stepper(process, N, cfg)
   if process.is_discrete:
     tags = process.net_time(grid[:-1]).astype(jnp.int32)
     net_time = lambda t: jnp.full((B,), process.net_time(t), jnp.int32)
@@ -162,19 +192,45 @@ def run_chain(model_fn: Callable, process, grid, key, x_T, sample_offset, shape,
       snaps = (put(snaps[0], new["pred_x0"]), put(snaps[1], x))
     return (new, snaps), None
 
-  snaps0 = ()
-  if S:
-    buf = constrain(jnp.zeros((S,) + tuple(shape), jnp.float32), P(None, "data"))
-    snaps0 = (buf, buf)
   xs = (grid[:-1], grid[1:], tags, jnp.asarray(slot_of_step))
-  (state, snaps), _ = jax.lax.scan(body, (stepper.init(x_T), snaps0), xs)
+  if length != N:
+    xs = tuple(jax.lax.dynamic_slice_in_dim(a, first, length) for a in xs)
+  carry, _ = jax.lax.scan(body, carry, xs)
+  return carry
+
+
+def chain_result(process, grid, carry, cfg: SamplerConfig) -> dict:
+  """The output dict of `sample` from the carry after the last step."""
+  state, snaps = carry
   result = {"samples": state["x"]}
-  if S:
+  if snaps:
+    positions, _ = _slots(grid.shape[0] - 1, cfg)
     result["pred_x0_snapshots"] = snaps[0]
     result["x_t_snapshots"] = snaps[1]
     at = grid[jnp.asarray(positions, jnp.int32)]
     result["snapshot_timesteps"] = process.net_time(at) if process.is_discrete else at
   return result
+
+
+def run_chain(model_fn: Callable, process, grid, key, x_T, sample_offset, shape, cfg: SamplerConfig,
+              sharding=None) -> dict:
+  """The scan over grid[0] > ... > grid[-1]; returns the output dict (see `sample`). Traceable.
+
+  grid: [N + 1] (int32 schedule entries ending in -1 for the discrete chain, float32 process times
+  ending in 0 otherwise); sharding: an optional mesh whose "data" axis the batch is constrained to.
+  """
+  carry = chain_start(process, grid, key, x_T, sample_offset, shape, cfg, sharding)
+  carry = chain_steps(model_fn, process, grid, key, carry, sample_offset, shape, cfg, sharding)
+  return chain_result(process, grid, carry, cfg)
+
+
+def segment_length(num_steps: int, max_segments: int) -> int:
+  """The length of each of at most max_segments equal segments of a chain of num_steps steps: the
+  smallest divisor L of num_steps with num_steps / L <= max_segments (equal lengths compile once)."""
+  for n in range(max(1, min(int(max_segments), num_steps)), 0, -1):
+    if num_steps % n == 0:
+      return num_steps // n
+  return num_steps
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "shape", "cfg"))
