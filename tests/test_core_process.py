@@ -74,6 +74,17 @@ def test_closed_forms(name):
     np.testing.assert_allclose(lam, p.logsnr(t32), rtol=1e-5, atol=1e-5)
     dlam = jax.vmap(jax.grad(lambda t: p.logsnr(t)))(t32)
     np.testing.assert_allclose(dlam, 2 * (da / a - ds / s), rtol=2e-3, atol=1e-3)
+    # pmap and shard_map over the 8 test devices: the process replicated, t split
+    n = jax.device_count()
+    tt = jnp.asarray(np.linspace(0.05, 0.95, 2 * n), jnp.float32)
+    a_ref = ref(name, np.linspace(0.05, 0.95, 2 * n))[0]
+    got = jax.pmap(lambda q, t: q.alpha_sigma(t)[0], in_axes=(None, 0))(p, tt.reshape(n, 2))
+    np.testing.assert_allclose(np.asarray(got).ravel(), a_ref, rtol=2e-5, atol=1e-7)
+    from jax.sharding import Mesh, PartitionSpec as P  # noqa: PLC0415
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    fn = jax.shard_map(lambda q, t: q.alpha_sigma(t)[0], mesh=mesh, in_specs=(P(), P("data")),
+                       out_specs=P("data"))
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(p, tt)), a_ref, rtol=2e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve", "vp_cosine"])
